@@ -1,0 +1,52 @@
+"""The `bitlaws` command line. Thin: each subcommand parses arguments and calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    from bitlaws.quant import format_table  # pylint: disable=g-import-not-at-top
+
+    names = args.formats or format_table.TABLE_FORMATS
+    start = time.perf_counter()
+    rows = format_table.format_rows(names, size=args.size, seed=args.seed, progress=not args.no_progress)
+    print(format_table.render(rows, args.size))
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitlaws",
+        description="Quantize vision generative models (VAR, DiT) and measure their bit-level scaling laws.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    formats = sub.add_parser("formats", help="table of every quantization format: bits, grid, max, error",
+                             description="Print every quantization format with its bits per value, grid size, "
+                                         "max normal and the relative RMS error of quantizing a standard-normal "
+                                         "tensor per tensor / per channel / per group.")
+    formats.add_argument("--size", type=int, default=4096, help="side of the square test tensor (default 4096)")
+    formats.add_argument("--seed", type=int, default=0)
+    formats.add_argument("--formats", nargs="*", help="only these formats (default: all)")
+    formats.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    formats.set_defaults(func=_cmd_formats)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bitlaws {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

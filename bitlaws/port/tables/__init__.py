@@ -1,0 +1,1 @@
+"""One declarative port table per model family."""

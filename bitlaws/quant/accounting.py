@@ -1,0 +1,118 @@
+"""Bit accounting: the paper's total model bits (MT) and total compute bits (CT), and exact storage.
+
+For every parameter tensor with N values:
+
+* a kernel of a quantized layer counts ``b_w · N`` model bits and ``b_w · b_a · N`` compute bits, where
+  ``b_w`` / ``b_a`` are the nominal bits of the weight / activation formats (16 when that side is not
+  quantized, e.g. W4A16 → 4 · 16);
+* every other parameter (unquantized kernels, biases, norms, embeddings) counts at 16 bits:
+  ``16 · N`` model bits and ``16 · 16 · N`` compute bits.
+
+``storage_bytes`` is what the weights really occupy when deployed: packed values + scales + zero points
+for quantized kernels (exactly `QArray.nbytes`, computed without materialising it), and 2 bytes per
+value for everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+from flax import nnx
+
+from bitlaws.quant import formats, packing
+from bitlaws.quant.spec import QuantRule, QuantSpec
+from bitlaws.quant.transform import match_rules, quant_layers
+
+FLOAT_BITS = 16
+
+
+def qarray_nbytes(shape: Sequence[int], spec: QuantSpec, reduce_axes: Optional[Sequence[int]] = None) -> int:
+    """Bytes `quantize(x, spec, reduce_axes).nbytes` would report for an ``x`` of `shape`, computed analytically."""
+    shape = tuple(shape)
+    axes = tuple(range(max(len(shape) - 1, 1))) if reduce_axes is None else tuple(a % len(shape) for a in reduce_axes)
+    k = math.prod(shape[a] for a in axes)
+    n = math.prod(shape) // k
+    fmt = spec.format
+    if fmt.bits == 8:  # int8/uint8 and fp8 (plain or MX) elements are stored one per byte
+        values = k * n
+    else:
+        values = packing.packed_length(k, fmt.bits) * n
+    groups = k // spec.group_size if spec.granularity == "group" else 1
+    columns = 1 if spec.granularity == "tensor" else n
+    scale_bytes = 1 if fmt.is_mx else {"float16": 2, "bfloat16": 2, "float32": 4}[spec.scale_dtype]
+    zero_bytes = 1 if isinstance(fmt, formats.IntFormat) and not fmt.signed else 0
+    return values + groups * columns * (scale_bytes + zero_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBits:
+    """Accounting of one seam layer's kernel."""
+
+    path: str
+    params: int
+    bits_w: int
+    bits_a: int
+    storage_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BitReport:
+    """Model-level accounting.
+
+    Attributes:
+        layers: Per seam-layer kernel accounting.
+        other_params: Parameters outside seam kernels (biases, norms, embeddings), at 16 bits.
+        total_params: All parameters.
+        mt_bits: Total model bits MT.
+        ct_bits: Total compute bits CT.
+        storage_bytes: Deployed storage of all weights.
+    """
+
+    layers: tuple[LayerBits, ...]
+    other_params: int
+    total_params: int
+    mt_bits: int
+    ct_bits: int
+    storage_bytes: int
+
+    @property
+    def mean_bits_w(self) -> float:
+        return self.mt_bits / max(self.total_params, 1)
+
+
+def _param_count(model: nnx.Module) -> int:
+    state = nnx.state(model, nnx.Param)
+    return sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(state))
+
+
+def bit_accounting(model: nnx.Module, rules: Optional[Sequence[QuantRule]] = None) -> BitReport:
+    """MT, CT and storage of `model` under `rules` (or under its own layer settings if `rules` is None).
+
+    Works on concrete and abstract (`nnx.eval_shape`) models alike.
+    """
+    assignments = match_rules(model, rules).assignments if rules is not None else None
+    layers = []
+    packed_kernel_params = 0
+    for path, layer in quant_layers(model):
+        shape = layer.kernel_shape
+        n = math.prod(shape)
+        if assignments is not None:
+            rule = assignments.get(path)
+            w_spec, a_spec = (rule.weight, rule.act) if rule else (None, None)
+        else:
+            w_spec = layer.quant.weight if layer.quant.quantizes_weights else None
+            a_spec = layer.quant.act if layer.quant.quantizes_acts else None
+        bits_w = w_spec.bits if w_spec else FLOAT_BITS
+        bits_a = a_spec.bits if a_spec else FLOAT_BITS
+        storage = qarray_nbytes(shape, w_spec) if w_spec else n * FLOAT_BITS // 8
+        layers.append(LayerBits(path, n, bits_w, bits_a, storage))
+        if layer.qkernel is not None:
+            packed_kernel_params += n  # a packed kernel is a QWeight, not an nnx.Param
+    total = _param_count(model) + packed_kernel_params
+    other = total - sum(l.params for l in layers)
+    mt = sum(l.bits_w * l.params for l in layers) + FLOAT_BITS * other
+    ct = sum(l.bits_w * l.bits_a * l.params for l in layers) + FLOAT_BITS * FLOAT_BITS * other
+    storage = sum(l.storage_bytes for l in layers) + other * FLOAT_BITS // 8
+    return BitReport(tuple(layers), other, total, mt, ct, storage)

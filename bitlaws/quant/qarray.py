@@ -1,0 +1,231 @@
+"""`QArray`: a quantized tensor stored with real bit packing, and the quantize / dequantize / fake_quant ops.
+
+Layout. A tensor of shape ``shape`` is viewed as a matrix ``[K, N]``: the ``reduce_axes`` (the axes that
+share a scale; by default every axis but the last, i.e. the contraction axes of a kernel) are moved to
+the front and flattened to K, the rest to N. Then
+
+* ``values``: codes of the ``[K, N]`` view packed along K (two int4 codes per byte, eight int3 codes in
+  three bytes, ...), int8/uint8 as is, fp8 as ``ml_dtypes`` float8, fp6/fp4 as packed bit codes;
+* ``scale``: ``[G, C]`` in the spec's scale dtype (E8M0 exponents as uint8 for MX), G = K / group_size
+  for ``group`` and 1 otherwise, C = 1 for ``tensor`` and N otherwise;
+* ``zero_point``: ``[G, C]`` uint8 for unsigned integer formats, else None.
+
+Packing along K keeps every output column independent, which is what a matmul kernel tiling over N and
+streaming over K wants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitlaws.quant import calibrate, formats, packing
+from bitlaws.quant.spec import QuantSpec
+
+_FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
+def normalize_axes(reduce_axes: Optional[Sequence[int]], ndim: int) -> tuple[int, ...]:
+    """Sorted non-negative reduce axes; default: every axis but the last (all axes of a 1-D tensor)."""
+    if reduce_axes is None:
+        return tuple(range(max(ndim - 1, 1)))
+    axes = tuple(sorted({a % ndim for a in reduce_axes}))
+    if not axes:
+        raise ValueError("reduce_axes must name at least one axis")
+    return axes
+
+
+def to_view(x: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
+    """``x`` as the ``[K, N]`` reduction view (reduce axes first, flattened)."""
+    keep = tuple(a for a in range(x.ndim) if a not in reduce_axes)
+    k = math.prod(x.shape[a] for a in reduce_axes)
+    return jnp.transpose(x, reduce_axes + keep).reshape(k, -1)
+
+
+def from_view(v: jax.Array, shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> jax.Array:
+    """Inverse of `to_view`."""
+    keep = tuple(a for a in range(len(shape)) if a not in reduce_axes)
+    perm = reduce_axes + keep
+    v = v.reshape(tuple(shape[a] for a in perm))
+    return jnp.transpose(v, np.argsort(perm))
+
+
+def group_view(v: jax.Array, spec: QuantSpec, what: str = "tensor") -> jax.Array:
+    """``[K, N]`` view -> grouped view ``[G, L, N]`` (see `calibrate`)."""
+    k, n = v.shape
+    if spec.granularity == "group":
+        spec.check_axis(k, what)
+        return v.reshape(k // spec.group_size, spec.group_size, n)
+    return v.reshape(1, k, n)
+
+
+def compute_params(grouped: jax.Array, spec: QuantSpec) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Runs the spec's calibrator on a grouped view and returns ``(scale, zero)``, each ``[G, 1, C]``."""
+    lo, hi = calibrate.CALIBRATORS[spec.calibrator](grouped, spec)
+    return calibrate.range_to_params(lo, hi, spec)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A quantized tensor: packed codes + scale (+ zero point); layout is static pytree metadata.
+
+    Attributes:
+        values: Packed codes of the ``[K, N]`` view (see the module docstring).
+        scale: ``[G, C]`` scales (float16/bfloat16/float32, or uint8 E8M0 exponents for MX).
+        zero_point: ``[G, C]`` uint8 zero points (unsigned int formats) or None.
+        spec: The `QuantSpec` used (static).
+        shape: Shape of the original tensor (static).
+        reduce_axes: Axes that share a scale (static).
+        dtype: Name of the original dtype, restored by `dequantize` (static).
+    """
+
+    values: jax.Array
+    scale: jax.Array
+    zero_point: Optional[jax.Array]
+    spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    reduce_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
+
+    @property
+    def format(self) -> formats.QFormat:
+        return self.spec.format
+
+    @property
+    def view_shape(self) -> tuple[int, int]:
+        k = math.prod(self.shape[a] for a in self.reduce_axes)
+        return k, math.prod(self.shape) // k
+
+    @property
+    def nbytes(self) -> int:
+        """Real storage in bytes: packed values + scales + zero points."""
+        total = self.values.nbytes + self.scale.nbytes
+        if self.zero_point is not None:
+            total += self.zero_point.nbytes
+        return int(total)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return (f"QArray({self.spec.short()}, shape={self.shape}, reduce_axes={self.reduce_axes}, "
+                f"nbytes={self.nbytes})")
+
+
+def _encode(q: jax.Array, fmt: formats.QFormat) -> jax.Array:
+    """Grid values ``[K, N]`` (float32) -> stored array (packed along K)."""
+    if isinstance(fmt, formats.IntFormat):
+        if fmt.bits == 8:
+            return q.astype(jnp.int8 if fmt.signed else jnp.uint8)
+        return packing.pack_bits((q - fmt.qmin).astype(jnp.uint8), fmt.bits, axis=0)
+    element = fmt.element if isinstance(fmt, formats.MxFormat) else fmt
+    if element.name in _FP8_DTYPES:
+        return q.astype(_FP8_DTYPES[element.name])
+    positive = jnp.asarray(element.positive_grid(), jnp.float32)
+    magnitude_code = jnp.searchsorted(positive, jnp.abs(q)).astype(jnp.uint8)
+    sign = (q < 0).astype(jnp.uint8) << (element.bits - 1)
+    return packing.pack_bits(sign | magnitude_code, element.bits, axis=0)
+
+
+def _decode(values: jax.Array, fmt: formats.QFormat, k: int) -> jax.Array:
+    """Stored array -> grid values ``[K, N]`` float32."""
+    if isinstance(fmt, formats.IntFormat):
+        if fmt.bits == 8:
+            return values.astype(jnp.float32)
+        return packing.unpack_bits(values, fmt.bits, k, axis=0).astype(jnp.float32) + fmt.qmin
+    element = fmt.element if isinstance(fmt, formats.MxFormat) else fmt
+    if element.name in _FP8_DTYPES:
+        return values.astype(jnp.float32)
+    positive = element.positive_grid()
+    half = 2 ** (element.bits - 1)
+    table = np.zeros(2 * half, np.float32)
+    table[: positive.size] = positive
+    table[half: half + positive.size] = -positive
+    codes = packing.unpack_bits(values, element.bits, k, axis=0)
+    return jnp.asarray(table)[codes]
+
+
+def _qdq_view(v: jax.Array, spec: QuantSpec, what: str):
+    """Quantizes a ``[K, N]`` view. Returns (grid values, dequantized, scale, zero), grouped-shaped."""
+    grouped = group_view(v, spec, what)
+    scale, zero = compute_params(grouped, spec)
+    q = calibrate.quantize_grouped(grouped, scale, zero, spec.format)
+    return q, scale, zero, grouped
+
+
+def quantize(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]] = None) -> QArray:
+    """Quantizes `x` into a packed `QArray`.
+
+    Args:
+        x: Floating-point array of any shape.
+        spec: How to quantize (format, granularity, calibrator).
+        reduce_axes: Axes sharing a scale; default every axis but the last (kernel convention:
+            ``[..., in, out]``). Use ``(-1,)`` for activations ``[..., features]``.
+
+    Returns:
+        The `QArray`; ``dequantize(quantize(x, spec))`` is within half a grid step of `x` inside the
+        clipping range.
+
+    Raises:
+        ValueError: if the group size does not divide the reduction axis (the message names group_size).
+    """
+    x = jnp.asarray(x)
+    axes = normalize_axes(reduce_axes, x.ndim)
+    view = to_view(x, axes)
+    q, scale, zero, _ = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
+    k = view.shape[0]
+    values = _encode(q.reshape(k, -1), spec.format)
+    squeeze = lambda a: None if a is None else a.reshape(a.shape[0], a.shape[2])  # noqa: E731
+    return QArray(values=values, scale=squeeze(scale), zero_point=squeeze(zero), spec=spec,
+                  shape=tuple(x.shape), reduce_axes=axes, dtype=jnp.dtype(x.dtype).name)
+
+
+def dequantize(qa: QArray, dtype=None) -> jax.Array:
+    """Unpacks and rescales a `QArray` to its original shape, in `dtype` (default: the original dtype)."""
+    k, _ = qa.view_shape
+    q = _decode(qa.values, qa.format, k)  # [K, N]
+    groups = qa.scale.shape[0]
+    q = q.reshape(groups, k // groups, -1)
+    expand = lambda a: None if a is None else a[:, None, :]  # noqa: E731
+    deq = calibrate.dequantize_grouped(q, expand(qa.scale), expand(qa.zero_point), qa.format)
+    out = from_view(deq.reshape(k, -1), qa.shape, qa.reduce_axes)
+    return out.astype(dtype or qa.dtype)
+
+
+def quantize_dequantize(x: jax.Array, spec: QuantSpec,
+                        reduce_axes: Optional[Sequence[int]] = None) -> tuple[jax.Array, jax.Array]:
+    """Quantize-dequantize without packing. Returns ``(x_hat, inside)``; `inside` marks unclipped values."""
+    x = jnp.asarray(x)
+    axes = normalize_axes(reduce_axes, x.ndim)
+    view = to_view(x, axes)
+    q, scale, zero, grouped = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
+    deq = calibrate.dequantize_grouped(q, scale, zero, spec.format)
+    lo, hi = calibrate.clip_bounds(scale, zero, spec.format)
+    inside = (grouped >= lo) & (grouped <= hi)
+    k = view.shape[0]
+    return (from_view(deq.reshape(k, -1), x.shape, axes).astype(x.dtype),
+            from_view(inside.reshape(k, -1), x.shape, axes))
+
+
+def fake_quant(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]] = None) -> jax.Array:
+    """Quantize-dequantize with a straight-through gradient.
+
+    The forward value equals ``dequantize(quantize(x, spec, reduce_axes))``. The gradient with respect to
+    `x` is 1 where `x` lies inside the clipping range and 0 where it was clipped; scales are treated as
+    constants.
+    """
+    x = jnp.asarray(x)
+    x_hat, inside = quantize_dequantize(jax.lax.stop_gradient(x), spec, reduce_axes)
+    straight_through = x + jax.lax.stop_gradient(x_hat - x)
+    return jnp.where(inside, straight_through, jax.lax.stop_gradient(x_hat))

@@ -1,0 +1,293 @@
+"""The seam: every matmul and convolution of our models goes through `qdot` or `qconv`.
+
+What they compute depends on a static `LayerQuant` (part of the NNX graph definition, so changing it
+retraces jitted code instead of branching at run time):
+
+=============  ================================================================================
+mode           behaviour
+=============  ================================================================================
+``fp``         the plain float computation, bit-identical to ``x @ w`` / ``lax.conv``
+``calibrate``  float computation; the layer records activation statistics (`observe`)
+``fake``       simulated quantization with straight-through gradients (QAT): weights and
+               activations are quantize-dequantized in float, so there is **no speed-up**
+``packed``     weights are a `QArray` (real low-bit storage); a matmul *backend* computes with it.
+               ``xla`` dequantizes then dots (memory saving, no speed-up); issue [7/8] registers a
+               ``pallas`` backend with real low-bit kernels. Activations are still fake-quantized.
+=============  ================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from bitlaws.quant import calibrate, qarray
+from bitlaws.quant.qarray import QArray
+from bitlaws.quant.spec import QuantSpec
+
+MODES = ("fp", "calibrate", "fake", "packed")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerQuant:
+    """Static quantization setting of one layer.
+
+    Attributes:
+        mode: One of ``fp``, ``calibrate``, ``fake``, ``packed``.
+        weight: Weight spec, or None to keep the kernel in float.
+        act: Input-activation spec, or None to keep activations in float.
+        backend: Matmul backend name for ``packed`` mode (see `register_backend`).
+        record_hessian: In ``calibrate`` mode, also accumulate ``X^T X`` (for GPTQ-style methods).
+    """
+
+    mode: str = "fp"
+    weight: Optional[QuantSpec] = None
+    act: Optional[QuantSpec] = None
+    backend: str = "xla"
+    record_hessian: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"LayerQuant.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "packed" and self.weight is None:
+            raise ValueError("LayerQuant.mode='packed' needs a weight spec")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weight is not None and self.mode in ("fake", "packed")
+
+    @property
+    def quantizes_acts(self) -> bool:
+        return self.act is not None and self.mode in ("fake", "packed")
+
+
+FP = LayerQuant()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActStats:
+    """Running statistics of a layer's input activations, gathered in ``calibrate`` mode.
+
+    K is the layer's input-feature count (``in_features`` / conv input channels); H is the width of the
+    rows seen by the matmul (K for linear layers, kh*kw*C for convolutions).
+
+    Attributes:
+        lo: ``[]`` running minimum.
+        hi: ``[]`` running maximum.
+        absmax: ``[K]`` per-input-channel max |x| (SmoothQuant).
+        sum_abs: ``[K]`` per-input-channel sum of |x| (AWQ: mean = sum_abs / count).
+        count: ``[]`` number of rows (tokens / pixels) seen.
+        range_lo_sum: ``[]`` sum over batches of the act calibrator's lower bound.
+        range_hi_sum: ``[]`` sum over batches of its upper bound.
+        batches: ``[]`` number of batches seen.
+        hessian: ``[H, H]`` float32 sum of ``x^T x`` over rows, or None when not recorded.
+    """
+
+    lo: jax.Array
+    hi: jax.Array
+    absmax: jax.Array
+    sum_abs: jax.Array
+    count: jax.Array
+    range_lo_sum: jax.Array
+    range_hi_sum: jax.Array
+    batches: jax.Array
+    hessian: Optional[jax.Array] = None
+
+    @classmethod
+    def empty(cls, features: int, hessian_size: Optional[int] = None) -> "ActStats":
+        f32 = jnp.float32
+        return cls(lo=jnp.asarray(jnp.inf, f32), hi=jnp.asarray(-jnp.inf, f32),
+                   absmax=jnp.zeros((features,), f32), sum_abs=jnp.zeros((features,), f32),
+                   count=jnp.zeros((), f32), range_lo_sum=jnp.zeros((), f32),
+                   range_hi_sum=jnp.zeros((), f32), batches=jnp.zeros((), f32),
+                   hessian=None if hessian_size is None else jnp.zeros((hessian_size, hessian_size), f32))
+
+    @property
+    def mean_abs(self) -> jax.Array:
+        return self.sum_abs / jnp.maximum(self.count, 1.0)
+
+
+def observe(stats: ActStats, x: jax.Array, act_spec: Optional[QuantSpec],
+            hessian_rows: Optional[jax.Array] = None) -> ActStats:
+    """Folds one batch of activations into `stats`.
+
+    Args:
+        stats: The running statistics.
+        x: ``[..., K]`` activations (features last).
+        act_spec: The layer's activation spec; its calibrator's range on this batch is accumulated.
+        hessian_rows: ``[M, H]`` rows for the Hessian (default: `x` flattened to ``[M, K]``).
+
+    Returns:
+        Updated statistics.
+    """
+    x = x.astype(jnp.float32)
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if act_spec is not None:
+        spec = dataclasses.replace(act_spec, granularity="tensor", group_size=None, static=False) \
+            if not act_spec.format.is_mx else act_spec
+        lo_b, hi_b = calibrate.CALIBRATORS[spec.calibrator](rows.reshape(1, -1, 1), spec)
+        range_lo, range_hi = stats.range_lo_sum + lo_b.reshape(()), stats.range_hi_sum + hi_b.reshape(())
+    else:
+        range_lo, range_hi = stats.range_lo_sum, stats.range_hi_sum
+    hessian = stats.hessian
+    if hessian is not None:
+        h_rows = rows if hessian_rows is None else hessian_rows.astype(jnp.float32)
+        hessian = hessian + jnp.einsum("mi,mj->ij", h_rows, h_rows, precision=jax.lax.Precision.HIGHEST)
+    return ActStats(lo=jnp.minimum(stats.lo, rows.min()), hi=jnp.maximum(stats.hi, rows.max()),
+                    absmax=jnp.maximum(stats.absmax, jnp.abs(rows).max(axis=0)),
+                    sum_abs=stats.sum_abs + jnp.abs(rows).sum(axis=0),
+                    count=stats.count + rows.shape[0], range_lo_sum=range_lo, range_hi_sum=range_hi,
+                    batches=stats.batches + 1, hessian=hessian)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActQParams:
+    """Static (calibrated) per-tensor activation quantization parameters: scale ``[]``, zero ``[]`` or None."""
+
+    scale: jax.Array
+    zero_point: Optional[jax.Array]
+
+
+def static_act_params(stats: ActStats, spec: QuantSpec) -> ActQParams:
+    """Turns calibration statistics into a static per-tensor scale (and zero point).
+
+    ``minmax`` uses the global min/max over all calibration data; other calibrators use the mean of
+    their per-batch ranges.
+    """
+    if float(stats.batches) == 0:
+        raise ValueError("static activation quantization needs calibration statistics; none were recorded")
+    if spec.calibrator == "minmax":
+        lo, hi = stats.lo, stats.hi
+    else:
+        lo, hi = stats.range_lo_sum / stats.batches, stats.range_hi_sum / stats.batches
+    scale, zero = calibrate.range_to_params(lo.reshape(1, 1, 1), hi.reshape(1, 1, 1), spec)
+    return ActQParams(scale=scale.reshape(()), zero_point=None if zero is None else zero.reshape(()))
+
+
+def _fake_quant_static(x: jax.Array, params: ActQParams, spec: QuantSpec) -> jax.Array:
+    """Per-tensor fake quantization with fixed parameters and a straight-through gradient."""
+    fmt = spec.format
+    scale = params.scale.reshape(1, 1, 1)
+    zero = None if params.zero_point is None else params.zero_point.reshape(1, 1, 1)
+    grouped = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(1, -1, 1)
+    q = calibrate.quantize_grouped(grouped, scale, zero, fmt)
+    x_hat = calibrate.dequantize_grouped(q, scale, zero, fmt).reshape(x.shape).astype(x.dtype)
+    lo, hi = calibrate.clip_bounds(scale, zero, fmt)
+    inside = (x >= lo.reshape(())) & (x <= hi.reshape(()))
+    return jnp.where(inside, x + jax.lax.stop_gradient(x_hat - x), jax.lax.stop_gradient(x_hat))
+
+
+def quantize_activation(x: jax.Array, quant: LayerQuant, act_params: Optional[ActQParams] = None) -> jax.Array:
+    """Applies the layer's activation quantization to ``x [..., K]`` (identity if it has none)."""
+    if not quant.quantizes_acts:
+        return x
+    if quant.act.static:
+        if act_params is None:
+            raise ValueError("static activation quantization but the layer has no calibrated parameters; "
+                             "pass calib_stats to quantize_model")
+        return _fake_quant_static(x, act_params, quant.act)
+    return qarray.fake_quant(x, quant.act, reduce_axes=(-1,))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matmul backends for `packed` mode.
+MatmulBackend = Callable[[jax.Array, QArray], jax.Array]
+_BACKENDS: dict[str, MatmulBackend] = {}
+
+
+def register_backend(name: str, fn: Optional[MatmulBackend] = None):
+    """Registers ``fn(x [M, K], w: QArray of a [K, N] kernel) -> [M, N]`` as a packed-mode backend."""
+
+    def wrap(f: MatmulBackend) -> MatmulBackend:
+        _BACKENDS[name] = f
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def get_backend(name: str) -> MatmulBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown matmul backend {name!r}; registered: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+@register_backend("xla")
+def xla_dequant_matmul(x: jax.Array, w: QArray) -> jax.Array:
+    """Reference backend: dequantize the weight to x's dtype, then one XLA dot."""
+    return jnp.dot(x, qarray.dequantize(w, x.dtype))
+
+
+def qdot(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP, *,
+         bias: Optional[jax.Array] = None, act_params: Optional[ActQParams] = None,
+         input_scale: Optional[jax.Array] = None) -> jax.Array:
+    """``x @ kernel (+ bias)`` through the quantization seam.
+
+    Args:
+        x: ``[..., K]`` activations.
+        kernel: ``[K, N]`` float kernel, or a `QArray` of one in ``packed`` mode.
+        quant: The layer's static `LayerQuant`.
+        bias: Optional ``[N]`` bias (never quantized).
+        act_params: Calibrated parameters for static activation quantization.
+        input_scale: Optional ``[K]`` per-input-channel divisor applied to x first (smoothing methods
+            fold the inverse into the kernel).
+
+    Returns:
+        ``[..., N]``.
+    """
+    if input_scale is not None:
+        x = x / input_scale.astype(x.dtype)
+    x = quantize_activation(x, quant, act_params)
+    if isinstance(kernel, QArray):
+        lead = x.shape[:-1]
+        y = get_backend(quant.backend)(x.reshape(-1, x.shape[-1]), kernel)
+        y = y.reshape(*lead, y.shape[-1])
+    else:
+        if quant.quantizes_weights:
+            kernel = qarray.fake_quant(kernel, quant.weight)
+        y = jnp.dot(x, kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+ConvPadding = Union[str, Sequence[tuple[int, int]]]
+
+
+def qconv(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP, *,
+          strides: Sequence[int] = (1, 1), padding: ConvPadding = "SAME",
+          dilation: Sequence[int] = (1, 1), feature_group_count: int = 1,
+          bias: Optional[jax.Array] = None, act_params: Optional[ActQParams] = None,
+          input_scale: Optional[jax.Array] = None) -> jax.Array:
+    """2-D convolution (NHWC input, HWIO kernel) through the quantization seam.
+
+    Args:
+        x: ``[B, H, W, C]``.
+        kernel: ``[kh, kw, C / groups, O]`` float kernel, or its `QArray` (reduce axes (0, 1, 2)).
+        quant: The layer's static `LayerQuant`.
+        strides, padding, dilation, feature_group_count: as in `jax.lax.conv_general_dilated`.
+        bias: Optional ``[O]``.
+        act_params: Calibrated parameters for static activation quantization.
+        input_scale: Optional ``[C]`` per-input-channel divisor.
+
+    Returns:
+        ``[B, H', W', O]``.
+    """
+    if input_scale is not None:
+        x = x / input_scale.astype(x.dtype)
+    x = quantize_activation(x, quant, act_params)
+    if isinstance(kernel, QArray):
+        kernel = qarray.dequantize(kernel, x.dtype)
+    elif quant.quantizes_weights:
+        kernel = qarray.fake_quant(kernel, quant.weight)
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), window_strides=tuple(strides), padding=padding,
+        rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=feature_group_count)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y

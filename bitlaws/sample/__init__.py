@@ -1,0 +1,1 @@
+"""Samplers: VAR next-scale prediction, DiT Gaussian diffusion."""
