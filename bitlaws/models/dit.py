@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.models.common import layer_norm
 from bitlaws.quant.layers import QConv, QLinear
 
 TIMESTEP_FREQUENCY_DIM = 256
@@ -90,14 +91,6 @@ def timestep_embedding(t: jax.Array, dim: int = TIMESTEP_FREQUENCY_DIM) -> jax.A
     if dim % 2:
         embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
     return embedding
-
-
-def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-    """LayerNorm over the last axis without affine parameters (biased variance), float32."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centered = x - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    return centered * jax.lax.rsqrt(var + eps)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -211,8 +204,8 @@ class DiTBlock(nnx.Module):
         """``x [B, N, D]``, conditioning ``c [B, D]`` -> ``[B, N, D]``."""
         mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
-        return x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x, NORM_EPS), shift_msa, scale_msa))
+        return x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nnx.Module):
@@ -225,7 +218,7 @@ class FinalLayer(nnx.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """``[B, N, D] -> [B, N, p*p*C_out]``."""
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear(modulate(layer_norm(x, NORM_EPS), shift, scale))
 
 
 class DiT(nnx.Module):

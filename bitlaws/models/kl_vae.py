@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
+from bitlaws.models.common import GroupNorm
 from bitlaws.quant.layers import QConv, QLinear
 
 NORM_EPS = 1e-6
@@ -75,38 +76,13 @@ class DiagonalGaussian:
         return self.mean + self.std * eps
 
 
-class GroupNorm(nnx.Module):
-    """GroupNorm over NHWC inputs with per-channel affine ``scale`` / ``bias``.
-
-    Statistics are computed the straightforward way in float32 (mean, then mean of squared deviations),
-    matching PyTorch's biased variance.
-    """
-
-    def __init__(self, num_groups: int, num_channels: int, *, eps: float = NORM_EPS):
-        if num_channels % num_groups:
-            raise ValueError(f"GroupNorm: {num_groups} groups do not divide {num_channels} channels")
-        self.num_groups = num_groups
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, C] -> [B, H, W, C]``."""
-        b, h, w, c = x.shape
-        grouped = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = grouped.mean(axis=(1, 2, 4), keepdims=True)  # [B, 1, 1, G, 1]
-        var = jnp.square(grouped - mean).mean(axis=(1, 2, 4), keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        return (normed * self.scale[...] + self.bias[...]).astype(x.dtype)
-
-
 class ResnetBlock(nnx.Module):
     """GN-SiLU-conv-GN-SiLU-conv with a (1x1-projected when channels change) residual."""
 
     def __init__(self, in_channels: int, out_channels: int, *, groups: int, rngs: nnx.Rngs):
-        self.norm1 = GroupNorm(groups, in_channels)
+        self.norm1 = GroupNorm(in_channels, num_groups=groups)
         self.conv1 = QConv(in_channels, out_channels, 3, padding=1, rngs=rngs)
-        self.norm2 = GroupNorm(groups, out_channels)
+        self.norm2 = GroupNorm(out_channels, num_groups=groups)
         self.conv2 = QConv(out_channels, out_channels, 3, padding=1, rngs=rngs)
         self.conv_shortcut = (QConv(in_channels, out_channels, 1, padding="VALID", rngs=rngs)
                               if in_channels != out_channels else None)
@@ -123,7 +99,7 @@ class AttentionBlock(nnx.Module):
     """Single-head spatial self-attention over all C channels with a residual (diffusers ``Attention``)."""
 
     def __init__(self, channels: int, *, groups: int, rngs: nnx.Rngs):
-        self.group_norm = GroupNorm(groups, channels)
+        self.group_norm = GroupNorm(channels, num_groups=groups)
         self.to_q = QLinear(channels, channels, rngs=rngs)
         self.to_k = QLinear(channels, channels, rngs=rngs)
         self.to_v = QLinear(channels, channels, rngs=rngs)
@@ -210,7 +186,7 @@ class Encoder(nnx.Module):
         self.down_blocks = nnx.List(blocks)
         top = block_out_channels[-1]
         self.mid_block = MidBlock(top, groups=groups, add_attention=mid_attention, rngs=rngs)
-        self.conv_norm_out = GroupNorm(groups, top)
+        self.conv_norm_out = GroupNorm(top, num_groups=groups)
         self.conv_out = QConv(top, 2 * latent_channels, 3, padding=1, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -235,7 +211,7 @@ class Decoder(nnx.Module):
             blocks.append(UpBlock(in_ch, out_ch, num_layers=layers_per_block + 1, groups=groups,
                                   add_upsample=i < len(reversed_channels) - 1, rngs=rngs))
         self.up_blocks = nnx.List(blocks)
-        self.conv_norm_out = GroupNorm(groups, block_out_channels[0])
+        self.conv_norm_out = GroupNorm(block_out_channels[0], num_groups=groups)
         self.conv_out = QConv(block_out_channels[0], out_channels, 3, padding=1, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:

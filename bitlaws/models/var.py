@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.models.common import layer_norm
 from bitlaws.quant.layers import QLinear
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -66,14 +67,6 @@ def scale_bounds(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((begin, begin + pn * pn))
         begin += pn * pn
     return bounds
-
-
-def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm without affine parameters over the last axis (biased variance, float32)."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centered = x - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    return centered * jax.lax.rsqrt(var + eps)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

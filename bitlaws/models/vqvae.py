@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.models.common import GroupNorm
 from bitlaws.quant.layers import QConv, QLinear
 
 CH_MULT = (1, 1, 2, 2, 4)
@@ -168,38 +169,13 @@ def phi_index(si: int, sn: int, share_quant_resi: int, default_qresi_counts: int
 # Building blocks (basic_vae.py).
 # ----------------------------------------------------------------------------------------------
 
-class GroupNorm(nnx.Module):
-    """GroupNorm (32 groups, eps 1e-6, affine) over NHWC, statistics in float32 the direct way.
-
-    Args:
-        channels: C (a multiple of 32).
-    """
-
-    def __init__(self, channels: int, *, num_groups: int = NORM_GROUPS, eps: float = NORM_EPS):
-        if channels % num_groups:
-            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {num_groups} groups")
-        self.num_groups = num_groups
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, C] -> [B, H, W, C]``."""
-        b, h, w, c = x.shape
-        groups = x.reshape(b, h, w, self.num_groups, c // self.num_groups)  # [B, H, W, G, C/G]
-        mean = jnp.mean(groups, axis=(1, 2, 4), keepdims=True)  # [B, 1, 1, G, 1]
-        var = jnp.mean(jnp.square(groups - mean), axis=(1, 2, 4), keepdims=True)
-        normed = ((groups - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        return normed * self.scale[...] + self.bias[...]
-
-
 class ResnetBlock(nnx.Module):
     """GN-SiLU-conv3x3-GN-SiLU-conv3x3 plus a (1x1 ``nin_shortcut`` when channels change) skip."""
 
     def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
-        self.norm1 = GroupNorm(in_channels)
+        self.norm1 = GroupNorm(in_channels, num_groups=NORM_GROUPS, eps=NORM_EPS)
         self.conv1 = QConv(in_channels, out_channels, 3, padding=1, rngs=rngs)
-        self.norm2 = GroupNorm(out_channels)
+        self.norm2 = GroupNorm(out_channels, num_groups=NORM_GROUPS, eps=NORM_EPS)
         self.conv2 = QConv(out_channels, out_channels, 3, padding=1, rngs=rngs)
         self.nin_shortcut = (QLinear(in_channels, out_channels, rngs=rngs)
                              if in_channels != out_channels else None)
@@ -217,7 +193,7 @@ class AttnBlock(nnx.Module):
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.channels = channels
-        self.norm = GroupNorm(channels)
+        self.norm = GroupNorm(channels, num_groups=NORM_GROUPS, eps=NORM_EPS)
         self.qkv = QLinear(channels, 3 * channels, rngs=rngs)
         self.proj_out = QLinear(channels, channels, rngs=rngs)
 
@@ -320,7 +296,7 @@ class Encoder(nnx.Module):
             width = ch * mult
         self.down = nnx.List(levels)
         self.mid = MidBlock(width, rngs=rngs)
-        self.norm_out = GroupNorm(width)
+        self.norm_out = GroupNorm(width, num_groups=NORM_GROUPS, eps=NORM_EPS)
         self.conv_out = QConv(width, z_channels, 3, padding=1, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -351,7 +327,7 @@ class Decoder(nnx.Module):
                                    resample="up" if i != 0 else None, rngs=rngs))
             width = ch * ch_mult[i]
         self.up = nnx.List(levels)
-        self.norm_out = GroupNorm(width)
+        self.norm_out = GroupNorm(width, num_groups=NORM_GROUPS, eps=NORM_EPS)
         self.conv_out = QConv(width, out_channels, 3, padding=1, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:

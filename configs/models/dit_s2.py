@@ -1,14 +1,9 @@
 """DiT-S/2 config (see `configs/models/dit.py`)."""
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("bitlaws_configs_dit_family", pathlib.Path(__file__).with_name("dit.py"))
-_family = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_family)
+from bitlaws.configlib import load_sibling
 
 
 def get_config(arg=None):
     """The DiT-S/2 config (`arg` is unused)."""
     del arg
-    return _family.get_config("s2")
+    return load_sibling(__file__, "dit.py").get_config("s2")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,28 +10,14 @@ import scipy.linalg
 
 from bitlaws.eval import frechet_distance
 from bitlaws.eval.frechet import frechet_distance_eigh
+from bitlaws.port import read_safetensors
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "fid_io.safetensors"
 
 
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Minimal safetensors reader (header length, JSON header, raw LE bytes)."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    dtypes = {"F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "U8": "u1"}
-    out = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            begin, end = info["data_offsets"]
-            buf = raw[8 + n + begin : 8 + n + end]
-            out[name] = np.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
 @pytest.fixture(scope="module")
 def fd() -> dict[str, np.ndarray]:
-    return {k[3:]: v for k, v in _load_safetensors(FIXTURE).items() if k.startswith("fd.")}
+    return {k[3:]: v for k, v in read_safetensors(FIXTURE).items() if k.startswith("fd.")}
 
 
 def _random_cov(rng: np.random.Generator, n: int, d: int, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

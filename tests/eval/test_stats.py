@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +9,9 @@ import pytest
 
 from bitlaws.eval import FeatureStats
 from bitlaws.eval.stats import load_png_folder, load_samples_npz, load_stats_npz, save_stats_npz
+from bitlaws.port import read_safetensors
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "fid_io.safetensors"
-
-
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Minimal safetensors reader (header length, JSON header, raw LE bytes)."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    dtypes = {"F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "U8": "u1"}
-    out = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            begin, end = info["data_offsets"]
-            buf = raw[8 + n + begin : 8 + n + end]
-            out[name] = np.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -39,7 +23,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("which", ["1", "2"])
 def test_fixture_mu_sigma(which):
-    fd = _load_safetensors(FIXTURE)
+    fd = read_safetensors(FIXTURE)
     feats = fd[f"fd.feats{which}"]
     stats = FeatureStats()
     for chunk in np.array_split(feats, [7, 20, 21]):

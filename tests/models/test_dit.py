@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bitlaws.models.common import random_model
 from bitlaws.models.dit import DiT, pos_embed_2d, timestep_embedding
 from bitlaws.port.checks import dit as dit_check
 from bitlaws.port.mapping import PortError
@@ -24,12 +25,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 
 def random_dit(seed: int = 0, **ctor) -> DiT:
     """A DiT with numpy-drawn weights (eager random init compiles one kernel per shape: slow on CPU)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(**ctor, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-    for _, var in nnx.to_flat_state(state):
-        shape = var.get_value().shape
-        var.set_value(jnp.asarray(rng.standard_normal(shape) / np.sqrt(max(shape[0], 1)), jnp.float32))
-    return nnx.merge(graphdef, state)
+    return random_model(lambda: DiT(**ctor, rngs=nnx.Rngs(0)), seed)
 
 
 @nnx.jit(static_argnames=("train",))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pathlib
-import runpy
 
 import numpy as np
 import pytest
 from flax import nnx
 
+from bitlaws.configlib import load_config
 from bitlaws.models.dit import DiT
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -16,7 +16,7 @@ UPSTREAM_XL2_PARAMS = 675_129_632  # official DiT-XL/2 count, including the fixe
 
 
 def _config(name: str):
-    return runpy.run_path(str(CONFIGS / f"{name}.py"))["get_config"]()
+    return load_config(str(CONFIGS / f"{name}.py"))
 
 
 def _param_count(model_config) -> int:
@@ -63,7 +63,6 @@ def test_sampling_protocol_is_pinned():
 
 
 def test_family_config_accepts_paper_names_and_rejects_unknown():
-    get_config = runpy.run_path(str(CONFIGS / "dit.py"))["get_config"]
-    assert get_config("DiT-L/4").model.hidden_size == 1024
-    with pytest.raises(ValueError):
-        get_config("xxl2")
+    assert load_config(f"{CONFIGS}/dit.py:DiT-L/4").model.hidden_size == 1024
+    with pytest.raises(ValueError, match="xxl2"):
+        load_config(f"{CONFIGS}/dit.py:xxl2")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -20,6 +19,7 @@ from bitlaws.port.safetensors_io import read_safetensors
 from bitlaws.port.tables.kl_vae import (DIFFUSERS_TABLE, ORIGINAL_SD_TABLE, detect_convention,
                                         port_kl_vae)
 from bitlaws.port.verify import load_manifest
+from bitlaws.configlib import load_config
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -127,10 +127,7 @@ def param_count(model: nnx.Module) -> int:
 
 
 def load_sd_vae_config():
-    spec = importlib.util.spec_from_file_location("sd_vae_ft_ema", REPO / "configs/models/sd_vae_ft_ema.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(str(REPO / "configs/models/sd_vae_ft_ema.py"))
 
 
 def test_fixture_check_passes(manifest):

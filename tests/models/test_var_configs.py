@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 from flax import nnx
 
 from bitlaws.models.var import VAR
+from bitlaws import configlib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
 PAPER_PARAMS = {16: 310e6, 20: 600e6, 24: 1.0e9, 30: 2.0e9}
@@ -20,11 +20,7 @@ EXACT_PARAMS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_0
 
 
 def load_config(depth: int):
-    path = CONFIG_DIR / f"var_d{depth}.py"
-    spec = importlib.util.spec_from_file_location(f"var_d{depth}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return configlib.load_config(str(CONFIG_DIR / f"var_d{depth}.py"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bitlaws.models.common import random_model
 from bitlaws.models.dit import DiT
 from bitlaws.sample.diffusion import (GaussianDiffusion, create_diffusion, decode_latents, linear_beta_schedule,
                                       respace_betas, space_timesteps)
@@ -106,14 +107,8 @@ def test_decode_latents_divides_by_sd_scale():
 
 
 def _tiny_dit() -> DiT:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(
-        input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=5,
-        rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-    for _, var in nnx.to_flat_state(state):
-        shape = var.get_value().shape
-        var.set_value(jnp.asarray(rng.standard_normal(shape) / np.sqrt(max(shape[0], 1)), jnp.float32))
-    return nnx.merge(graphdef, state)
+    return random_model(lambda: DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2,
+                                    num_classes=5, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
