@@ -543,8 +543,12 @@ class VQVAE(nnx.Module):
         quant_resi: Phi residual ratio.
         share_quant_resi: Phi sharing mode (see `VectorQuantizer2`).
         default_qresi_counts: Phi count when ``share_quant_resi == 0``.
-        v_patch_nums: Token-map side per scale; the last equals image side / 16.
+        v_patch_nums: Token-map side per scale; the last equals image side / 16 (/ ``2 ** (len(ch_mult) - 1)``).
         test_mode: Upstream freezes the model; ours is always inference-only.
+        ch_mult: Encoder/decoder width multipliers per level (None: upstream's ``(1, 1, 2, 2, 4)``);
+            the image side is ``2 ** (len(ch_mult) - 1)`` times the latent side.
+        num_res_blocks: Encoder res blocks per level (the decoder has one more).
+        in_channels: Image channels.
         rngs: NNX RNG streams (``params``).
     """
 
@@ -552,15 +556,19 @@ class VQVAE(nnx.Module):
                  beta: float = 0.25, using_znorm: bool = False, quant_conv_ks: int = 3, quant_resi: float = 0.5,
                  share_quant_resi: int = 4, default_qresi_counts: int = 0,
                  v_patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode: bool = True,
-                 rngs: nnx.Rngs):
+                 ch_mult: Optional[Sequence[int]] = None, num_res_blocks: int = NUM_RES_BLOCKS,
+                 in_channels: int = 3, rngs: nnx.Rngs):
         del dropout, test_mode  # inference only
         self.vocab_size = vocab_size
         self.cvae = z_channels
         self.beta = beta
         self.v_patch_nums = tuple(int(p) for p in v_patch_nums)
-        self.downsample = 2 ** (len(CH_MULT) - 1)
-        self.encoder = Encoder(ch=ch, z_channels=z_channels, rngs=rngs)
-        self.decoder = Decoder(ch=ch, z_channels=z_channels, rngs=rngs)
+        ch_mult = CH_MULT if ch_mult is None else tuple(int(m) for m in ch_mult)
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                               in_channels=in_channels, rngs=rngs)
+        self.decoder = Decoder(ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                               out_channels=in_channels, rngs=rngs)
         self.quantize = VectorQuantizer2(vocab_size, z_channels, using_znorm=using_znorm,
                                          v_patch_nums=self.v_patch_nums, quant_resi=quant_resi,
                                          share_quant_resi=share_quant_resi,

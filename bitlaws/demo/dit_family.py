@@ -1,0 +1,490 @@
+"""The demo DiT family: pixel-space DiTs (`bitlaws.models.dit.DiT`) trained on the 16x16 digits.
+
+Members ``dit-d2`` ... ``dit-d5`` are DiTs on ``[B, 16, 16, 3]`` images in [-1, 1] (patch 2, so 64 tokens),
+with ``depth`` blocks, hidden size ``16 * depth`` and ``depth`` heads, learned-range sigma and 10 classes plus
+the null class for classifier-free guidance. Their checkpoints (EMA weights, float32) ship in
+``bitlaws/demo/checkpoints/dit-d*/`` and are reproduced by `train_from_config` (``configs/demo/dit.py``).
+
+Training objective (upstream ``GaussianDiffusion.training_losses`` with ``learn_sigma`` and the plain MSE loss
+type): ``loss = mean((eps - eps_hat)^2) + vb``, where ``vb`` is the variational bound term of step ``t`` in
+bits per dimension, computed with the model's mean prediction frozen (stop-gradient), so that it trains only
+the variance interpolation channels: ``KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))`` for ``t > 0`` and the
+discretized-Gaussian decoder NLL for ``t = 0``. With all 1000 steps in training no rescaling of ``vb`` applies.
+
+Importing this module registers the ``dit`` family with `bitlaws.demo.family.register_family`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import shlex
+import time
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from bitlaws.checkpoint import load_metadata, load_model, save_model
+from bitlaws.demo.data import IMAGE_SIZE, load_digits
+from bitlaws.demo.family import register_family
+from bitlaws.models.dit import DiT
+from bitlaws.sample.diffusion import GaussianDiffusion, create_diffusion
+
+FAMILY = "dit"
+CHECKPOINT_ROOT = pathlib.Path(__file__).resolve().parent / "checkpoints"
+TRAIN_STATE_DIR = "train_state"
+MODEL_DIR = "model"
+SUMMARY_FILE = "summary.json"
+VAL_TIMESTEPS = (0, 50, 250, 500, 750)  # fixed timesteps of the validation loss
+
+QUANT_PATTERN = (r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2)|adaLN_modulation)"
+                 r"|final_layer\.(linear|adaLN_modulation)")
+"""Module paths quantized in the sweep: every linear of the DiT blocks (qkv, proj, fc1, fc2, adaLN_modulation)
+and the final layer (adaLN_modulation, linear). Left in float: the patch-embed conv ``x_embedder.proj`` (the
+input layer sees raw pixels through only 2*2*3 = 12 input features, i.e. 0.1 - 0.3 % of the parameters, and
+quantizing the first layer is conventionally avoided, as the paper's DiT setup and Q-DiT/PTQ4DiT keep
+embeddings in float) and the timestep/label embedders (tables and the small conditioning MLP, also embeddings)."""
+
+
+# ----------------------------------------------------------------------------- model construction
+
+
+def make_model(model_kwargs: dict[str, Any], seed: int = 0) -> DiT:
+    """A DiT with the upstream initialisation (``DiT.initialize_weights``), drawn with numpy.
+
+    Linear kernels and the patch-embed kernel (as a flattened ``[out, in*kh*kw]`` matrix) are Xavier uniform
+    and biases zero; the label table and the timestep MLP are ``N(0, 0.02)``; every adaLN modulation and the
+    final linear are zero (adaLN-Zero: each block starts as the identity and the output as zero).
+
+    Args:
+        model_kwargs: `DiT` constructor arguments (without ``rngs``).
+        seed: numpy seed.
+
+    Returns:
+        The concrete model (float32).
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(**model_kwargs, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(part) for part in path)
+        shape = tuple(var.get_value().shape)
+        var.set_value(jnp.asarray(_initial_value(name, shape, rng)))
+    return nnx.merge(graphdef, state)
+
+
+def _initial_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """The upstream initial value of the parameter at dotted path `name` (float32, `shape`)."""
+    zero = np.zeros(shape, np.float32)
+    if "adaLN_modulation" in name or name.startswith("final_layer.linear") or name.endswith(".bias"):
+        return zero
+    if name.startswith("y_embedder.") or name.startswith("t_embedder."):
+        return rng.normal(0.0, 0.02, shape).astype(np.float32)
+    fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]  # [in, out] and HWIO [kh, kw, in, out]
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, shape).astype(np.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters (`nnx.Param` elements)."""
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+# ----------------------------------------------------------------------------- training loss
+
+
+def _extract(table: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
+    """``table[t]`` (float64 schedule, cast to float32) shaped ``[B, 1, ..., 1]`` of rank `ndim`."""
+    values = jnp.asarray(np.asarray(table, np.float64).astype(np.float32))[t]  # [B]
+    return values.reshape(values.shape + (1,) * (ndim - 1))
+
+
+def q_sample(diffusion: GaussianDiffusion, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``: ``[B, H, W, C]`` float32 (`t` ``[B]`` int)."""
+    ndim = x_start.ndim
+    return (_extract(np.sqrt(diffusion.alphas_cumprod), t, ndim) * x_start
+            + _extract(np.sqrt(1.0 - diffusion.alphas_cumprod), t, ndim) * noise)
+
+
+def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:
+    """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                  + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
+    """The tanh approximation of the standard normal CDF used by upstream's decoder likelihood."""
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: jax.Array, means: jax.Array, log_scales: jax.Array) -> jax.Array:
+    """Log-likelihood (nats) of 8-bit data `x` in [-1, 1] under a Gaussian discretized into 255 bins.
+
+    Each value owns the bin ``x +- 1/255``; the edge bins extend to -inf / +inf. All arrays share a shape;
+    the result has it too.
+    """
+    centered = x - means
+    inv_std = jnp.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def _mean_flat(x: jax.Array) -> jax.Array:
+    """Mean over all but the batch axis: ``[B, ...] -> [B]``."""
+    return x.reshape(x.shape[0], -1).mean(axis=1)
+
+
+def diffusion_loss_terms(diffusion: GaussianDiffusion, model_output: jax.Array, x_start: jax.Array,
+                         x_t: jax.Array, t: jax.Array, noise: jax.Array) -> dict[str, jax.Array]:
+    """The learned-sigma DiT/ADM training loss terms per example.
+
+    Args:
+        diffusion: The (unrespaced) training diffusion.
+        model_output: ``[B, H, W, 2C]`` float32: predicted eps then the variance interpolation values.
+        x_start: ``[B, H, W, C]`` clean images in [-1, 1].
+        x_t: ``[B, H, W, C]`` noised images (`q_sample` of `x_start` with `noise` at `t`).
+        t: ``[B]`` int32 timesteps.
+        noise: ``[B, H, W, C]`` the eps that made `x_t`.
+
+    Returns:
+        ``mse``, ``vb`` (bits/dim) and ``loss = mse + vb``, each ``[B]`` float32.
+    """
+    channels = x_start.shape[-1]
+    eps_pred, var_values = model_output[..., :channels], model_output[..., channels:]
+    frozen = jnp.concatenate([jax.lax.stop_gradient(eps_pred), var_values], axis=-1)  # vb trains sigma only
+    ndim = x_start.ndim
+    true_mean = (_extract(diffusion.posterior_mean_coef1, t, ndim) * x_start
+                 + _extract(diffusion.posterior_mean_coef2, t, ndim) * x_t)
+    true_log_variance = _extract(diffusion.posterior_log_variance_clipped, t, ndim)
+    model = diffusion.p_mean_variance(lambda _x, _t: frozen, x_t, t, clip_denoised=False)
+    kl = _mean_flat(normal_kl(true_mean, true_log_variance, model["mean"], model["log_variance"])) / math.log(2.0)
+    decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(
+        x_start, model["mean"], 0.5 * model["log_variance"])) / math.log(2.0)
+    vb = jnp.where(t == 0, decoder_nll, kl)  # [B]
+    mse = _mean_flat(jnp.square(noise - eps_pred))
+    return {"mse": mse, "vb": vb, "loss": mse + vb}
+
+
+@functools.lru_cache(maxsize=4)
+def training_diffusion(num_timesteps: int = 1000) -> GaussianDiffusion:
+    """The full (unrespaced) linear-schedule learned-sigma diffusion used in training."""
+    return create_diffusion(None, diffusion_steps=num_timesteps)
+
+
+def model_loss_terms(model: DiT, images: jax.Array, labels: jax.Array, t: jax.Array, noise: jax.Array, *,
+                     dropout_key: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """Noises `images` at `t` and evaluates the training loss terms of `model`.
+
+    Args:
+        model: The DiT (learned sigma).
+        images: ``[B, H, W, C]`` float32 in [-1, 1].
+        labels: ``[B]`` int32 classes.
+        t: ``[B]`` int32 timesteps in [0, 1000).
+        noise: ``[B, H, W, C]`` float32 standard normal.
+        dropout_key: Enables label dropout (training) when given.
+
+    Returns:
+        `diffusion_loss_terms`' dict, each ``[B]`` float32.
+    """
+    diffusion = training_diffusion()
+    x_t = q_sample(diffusion, images, t, noise)
+    output = model(x_t, t, labels, train=dropout_key is not None, dropout_key=dropout_key)  # [B, H, W, 2C]
+    return diffusion_loss_terms(diffusion, output, images, x_t, t, noise)
+
+
+@nnx.jit
+def _eval_terms(model: DiT, images: jax.Array, labels: jax.Array, t: jax.Array,
+                noise: jax.Array) -> dict[str, jax.Array]:
+    return {name: value.mean() for name, value in model_loss_terms(model, images, labels, t, noise).items()}
+
+
+def evaluate_loss(model: DiT, images: np.ndarray, labels: np.ndarray, *,
+                  timesteps: tuple[int, ...] = VAL_TIMESTEPS, seed: int = 0) -> dict[str, float]:
+    """Mean loss terms over `images` at each of the fixed `timesteps` with seeded noise (no label dropout).
+
+    Args:
+        model: The DiT.
+        images: ``[N, H, W, C]`` float32 in [-1, 1].
+        labels: ``[N]`` int32.
+        timesteps: Timesteps to average over (each applied to every image).
+        seed: Noise seed.
+
+    Returns:
+        ``{"loss", "mse", "vb"}`` python floats.
+    """
+    images, labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
+    noise = jax.random.normal(jax.random.key(seed), images.shape, jnp.float32)
+    totals: dict[str, float] = {}
+    for step in timesteps:
+        t = jnp.full((images.shape[0],), step, jnp.int32)
+        for name, value in _eval_terms(model, images, labels, t, noise).items():
+            totals[name] = totals.get(name, 0.0) + float(value) / len(timesteps)
+    return totals
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@functools.lru_cache(maxsize=4)
+def sampling_diffusion(respacing: str) -> GaussianDiffusion:
+    """The respaced learned-sigma diffusion for sampling (cached so its compiled loops are reused)."""
+    return create_diffusion(respacing)
+
+
+def sample_digits(model: DiT, labels: np.ndarray, key: jax.Array, *, cfg_scale: float,
+                  respacing: str = "ddim25") -> np.ndarray:
+    """Class-conditional DDIM (eta 0) samples with classifier-free guidance through `DiT.forward_with_cfg`.
+
+    The batch is doubled (conditional labels, then the null class) as upstream's ``sample.py`` does; guidance
+    applies to the first 3 output channels, which here are all the image channels. Predicted x0 is clipped
+    to [-1, 1] at every step (pixel space).
+
+    Args:
+        model: A pixel-space DiT (maybe quantized).
+        labels: ``[B]`` int classes.
+        key: PRNG key; the samples are a deterministic function of it.
+        cfg_scale: Guidance scale (1 = no guidance).
+        respacing: Sampler respacing (``"ddim25"`` ...).
+
+    Returns:
+        ``[B, H, W, C]`` float32 in [-1, 1] (numpy).
+    """
+    labels = jnp.asarray(labels, jnp.int32)
+    batch = labels.shape[0]
+    shape = (batch, model.input_size, model.input_size, model.in_channels)
+    noise_key, loop_key = jax.random.split(key)
+    noise = jax.random.normal(noise_key, shape, jnp.float32)
+    doubled_noise = jnp.concatenate([noise, noise], axis=0)  # [2B, H, W, C]
+    doubled_labels = jnp.concatenate([labels, jnp.full((batch,), model.num_classes, jnp.int32)])  # [2B]
+    out = sampling_diffusion(respacing).ddim_sample_loop(
+        model.forward_with_cfg, doubled_noise.shape, doubled_noise, key=loop_key, clip_denoised=True,
+        model_kwargs={"y": doubled_labels, "cfg_scale": jnp.float32(cfg_scale)})
+    return np.clip(np.asarray(out[:batch]), -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- family members
+
+
+@dataclasses.dataclass
+class DiTMember:
+    """One trained demo DiT (satisfies `bitlaws.demo.family.DemoMember`)."""
+
+    name: str
+    model: DiT
+    cfg_scale: float
+    respacing: str
+    metadata: dict[str, Any]
+    family: str = FAMILY
+    quant_pattern: str = QUANT_PATTERN
+
+    def sample(self, model: nnx.Module, labels: np.ndarray, key: jax.Array) -> np.ndarray:
+        """``[B, 16, 16, 3]`` float32 samples in [-1, 1] of `labels` drawn with `model` (maybe quantized)."""
+        return sample_digits(model, labels, key, cfg_scale=self.cfg_scale, respacing=self.respacing)
+
+
+def member_names() -> list[str]:
+    """The shipped members (``dit-d2`` ...), smallest first."""
+    names = [path.name for path in CHECKPOINT_ROOT.glob(f"{FAMILY}-d*") if (path / "bitlaws.json").exists()]
+    return sorted(names, key=lambda name: int(name.split("-d", 1)[1]))
+
+
+def load_from_dir(directory: Union[str, pathlib.Path], name: Optional[str] = None) -> DiTMember:
+    """Loads a demo DiT checkpoint written by `train_from_config` (the ``model`` folder) or a shipped one."""
+    metadata = load_metadata(directory)
+    model_kwargs = dict(metadata["model"])
+    model = load_model(lambda: DiT(**model_kwargs, rngs=nnx.Rngs(0)), directory)
+    sampling = metadata.get("sampling", {})
+    return DiTMember(name=name or metadata.get("name", pathlib.Path(directory).name), model=model,
+                     cfg_scale=float(sampling.get("cfg_scale", 2.0)),
+                     respacing=str(sampling.get("respacing", "ddim25")), metadata=metadata)
+
+
+def load(name: str) -> DiTMember:
+    """Loads the shipped member `name` (``"dit-d4"``)."""
+    directory = CHECKPOINT_ROOT / name
+    if not (directory / "bitlaws.json").exists():
+        raise ValueError(f"no shipped demo DiT {name!r}; available: {member_names()}")
+    return load_from_dir(directory, name)
+
+
+register_family(FAMILY, member_names, load)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay to ``final_lr_fraction`` of the peak, after grad clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+        decay_steps=max(train.steps, train.warmup_steps + 1), end_value=train.learning_rate * train.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(train.grad_clip),
+                       optax.adamw(schedule, weight_decay=train.weight_decay))
+
+
+def _make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ema_decay: float):
+    """The jitted ``(params, ema, opt_state, images, labels, key, step) -> (params, ema, opt_state, terms)``."""
+
+    def loss_fn(params, images, labels, key):
+        model = nnx.merge(graphdef, params)
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        t = jax.random.randint(t_key, (images.shape[0],), 0, training_diffusion().num_timesteps)  # [B]
+        noise = jax.random.normal(noise_key, images.shape, jnp.float32)
+        terms = model_loss_terms(model, images, labels, t, noise, dropout_key=dropout_key)
+        return terms["loss"].mean(), terms
+
+    @jax.jit
+    def train_step(params, ema, opt_state, images, labels, key, step):
+        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, labels, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))  # short EMA early on
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+        return params, ema, opt_state, {name: value.mean() for name, value in terms.items()}
+
+    return train_step
+
+
+def _batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of the batch at `step`: epochs of seeded permutations (a pure function of the step)."""
+    per_epoch = num_examples // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+def _save_train_state(directory: pathlib.Path, step: int, params, ema, opt_state) -> None:
+    """Writes model, EMA and optimizer state (their leaves) and the step with orbax, replacing older state."""
+    leaves = jax.tree.leaves((params, ema, opt_state))
+    tree = {"leaves": {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)},
+            "step": np.asarray(step, np.int64)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory.resolve(), tree, force=True)
+
+
+def _restore_train_state(directory: pathlib.Path, params, ema, opt_state):
+    """Restores `_save_train_state`'s tree into the structure of (`params`, `ema`, `opt_state`)."""
+    leaves, treedef = jax.tree.flatten((params, ema, opt_state))
+    target = {"leaves": {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)},
+              "step": np.asarray(0, np.int64)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory.resolve(), target)
+    values = [jnp.asarray(restored["leaves"][f"{i:05d}"]) for i in range(len(leaves))]
+    params, ema, opt_state = jax.tree.unflatten(treedef, values)
+    return int(restored["step"]), params, ema, opt_state
+
+
+def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pathlib.Path], *,
+                      progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Trains (or resumes training of) one demo DiT and exports its EMA weights.
+
+    Layout of `out_dir`: ``train_state/`` (orbax: params, EMA, optimizer state and step, written every
+    ``config.train.checkpoint_every`` steps and at the end; an existing one is resumed from), ``model/`` (the
+    EMA model via `bitlaws.checkpoint.save_model`, loadable with `load_from_dir`; this folder is what ships
+    as ``bitlaws/demo/checkpoints/<name>/``) and ``summary.json``.
+
+    Args:
+        config: ``configs/demo/dit.py`` config.
+        out_dir: Output folder.
+        progress: Show a tqdm progress bar.
+        command: The command line to record in the summary.
+
+    Returns:
+        The summary: name, params, steps, resumed_from, wall_s (this run), train losses (mean of the last
+        <= 100 steps), val losses of the EMA model at `VAL_TIMESTEPS`, and paths.
+    """
+    if config.family != FAMILY:
+        raise ValueError(f"config family is {config.family!r}, expected {FAMILY!r}")
+    start_time = time.perf_counter()
+    out_dir = pathlib.Path(out_dir)
+    state_dir = out_dir / TRAIN_STATE_DIR
+    train = config.train
+    model_kwargs = config.model.to_dict()
+    model = make_model(model_kwargs, seed=train.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    ema = jax.tree.map(jnp.copy, params)
+    tx = _optimizer(train)
+    opt_state = tx.init(params)
+    step = 0
+    if state_dir.exists():
+        step, params, ema, opt_state = _restore_train_state(state_dir, params, ema, opt_state)
+    resumed_from = step
+
+    data = load_digits("train")
+    images, labels = jnp.asarray(data.images), jnp.asarray(data.labels)
+    batch_size = min(train.batch_size, len(data))
+    train_step = _make_train_step(graphdef, tx, train.ema_decay)
+    base_key = jax.random.key(train.seed)
+    recent: list[dict[str, float]] = []
+    bar = tqdm(total=train.steps, initial=step, disable=not progress, desc=config.name, dynamic_ncols=True)
+    while step < train.steps:
+        index = jnp.asarray(_batch_indices(len(data), batch_size, step, train.seed))
+        params, ema, opt_state, terms = train_step(params, ema, opt_state, images[index], labels[index],
+                                                   jax.random.fold_in(base_key, step), jnp.float32(step))
+        step += 1
+        if step % train.log_every == 0 or step == train.steps:
+            recent.append({name: float(value) for name, value in terms.items()})
+            recent = recent[-max(1, 100 // train.log_every):]
+            bar.set_postfix(loss=f"{recent[-1]['loss']:.4f}", mse=f"{recent[-1]['mse']:.4f}")
+        bar.update(1)
+        if step % train.checkpoint_every == 0 or step == train.steps:
+            _save_train_state(state_dir, step, params, ema, opt_state)
+    bar.close()
+
+    ema_model = nnx.merge(graphdef, ema)
+    val = load_digits("val")
+    summary = {
+        "name": config.name,
+        "family": FAMILY,
+        "params": count_params(ema_model),
+        "steps": step,
+        "resumed_from": resumed_from,
+        "wall_s": round(time.perf_counter() - start_time, 1),
+        "train_losses": {name: float(np.mean([r[name] for r in recent])) for name in ("loss", "mse", "vb")}
+        if recent else {},
+        "val_losses_ema": evaluate_loss(ema_model, val.images, val.labels),
+        "val_timesteps": list(VAL_TIMESTEPS),
+        "command": command,
+    }
+    metadata = {"family": FAMILY, "name": config.name, "model": model_kwargs,
+                "sampling": config.sampling.to_dict(), "training": {**summary, "config": config.train.to_dict()}}
+    save_model(ema_model, out_dir / MODEL_DIR, metadata)
+    summary["model_dir"] = str((out_dir / MODEL_DIR).resolve())
+    summary["train_state_dir"] = str(state_dir.resolve())
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def train_from_config_path(config_spec: str, out_dir: Optional[Union[str, pathlib.Path]] = None, *,
+                           overrides: tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
+    """`train_from_config` for ``"configs/demo/dit.py:depth=4"`` (what ``bitlaws train`` calls).
+
+    Args:
+        config_spec: Config file and argument.
+        out_dir: Output folder (default ``runs/train/<name>``).
+        overrides: ``key.sub=value`` config overrides.
+        progress: Show a progress bar.
+
+    Returns:
+        The training summary.
+    """
+    from bitlaws.configlib import load_config  # pylint: disable=g-import-not-at-top
+
+    config = load_config(config_spec, overrides)
+    out_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("runs/train") / config.name
+    command = " ".join(["bitlaws train --config", shlex.quote(config_spec),
+                        *[f"--set {shlex.quote(o)}" for o in overrides], "--out", shlex.quote(str(out_dir))])
+    return train_from_config(config, out_dir, progress=progress, command=command)

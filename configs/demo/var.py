@@ -1,0 +1,48 @@
+"""The demo VAR transformers on the digits (``bitlaws train --config configs/demo/var.py:depth=4``).
+
+`bitlaws.models.var.VAR` over the tokens of the shipped demo tokenizer (``configs/demo/vqvae.py``), width
+``32 * depth``, ``depth`` heads of 32 channels... (see `model_config`), trained by teacher forcing with
+cross-entropy and label dropout (for classifier-free guidance). Args: ``depth=N`` (2, 3, 4, 6 are shipped),
+``quick`` (a few steps, for tests), ``steps=N``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from bitlaws.configlib import parse_arg
+
+PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+WIDTH_PER_DEPTH = 16
+SHIPPED_DEPTHS = (2, 3, 4, 6)
+
+
+def model_config(depth: int) -> ml_collections.ConfigDict:
+    """``VAR`` constructor arguments (vocabulary size and ``Cvae`` come from the tokenizer)."""
+    return ml_collections.ConfigDict(dict(
+        num_classes=10, depth=depth, embed_dim=WIDTH_PER_DEPTH * depth, num_heads=depth, mlp_ratio=4.0,
+        drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False,
+        cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=PATCH_NUMS))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg)
+    depth = int(args.get("depth", 4))
+    quick = bool(args.get("quick", False))
+    config = ml_collections.ConfigDict()
+    config.family = "var"
+    config.name = f"var-d{depth}"
+    config.out_dir = f"bitlaws/demo/checkpoints/var-d{depth}"
+    config.tokenizer_dir = ""  # empty: the shipped tokenizer bitlaws/demo/checkpoints/vqvae
+    config.model = model_config(depth)
+    config.train = ml_collections.ConfigDict(dict(
+        steps=4 if quick else int(args.get("steps", 2000)),
+        batch_size=16 if quick else 64,
+        learning_rate=2e-3,
+        weight_decay=0.05,
+        warmup_steps=1 if quick else 100,
+        checkpoint_every=2 if quick else 500,
+        seed=0,
+    ))
+    config.sample = ml_collections.ConfigDict(dict(cfg=2.0, top_k=0, top_p=0.9))
+    return config
