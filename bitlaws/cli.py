@@ -1,12 +1,24 @@
-"""The `bitlaws` command line. Thin: each subcommand parses arguments and calls a library function."""
+"""The `bitlaws` command line. Thin: each subcommand parses arguments and calls a library function.
+
+Heavy modules are imported inside the subcommands so that ``bitlaws --help`` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import pickle
 import sys
 import time
 from typing import Optional, Sequence
+
+# `bitlaws train` dispatches on the config's `family` field.
+TRAINERS = {
+    "classifier": "bitlaws.demo.classifier",
+    "vqvae": "bitlaws.demo.var_family",
+    "var": "bitlaws.demo.var_family",
+    "dit": "bitlaws.demo.dit_family",
+}
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
@@ -27,6 +39,66 @@ def _cmd_port(args: argparse.Namespace) -> int:
     out = convert.convert(args.kind, args.ckpt, args.out, config=args.config, key=args.key)
     print(f"ported {args.kind} from {args.ckpt} to {out} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
+
+    summary = runner.run_sweep_from_config(args.config, args.out, args.overrides, progress=not args.no_progress,
+                                           force=args.force)
+    print(f"sweep: {summary.finished}/{summary.total} cells finished ({len(summary.evaluated)} now, "
+          f"{len(summary.failed)} failed) in {summary.wall_s:.1f} s -> {summary.results_path}")
+    return summary.exit_code
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bitlaws.laws import analyze  # pylint: disable=g-import-not-at-top
+
+    outputs = analyze(args.results, args.out, n_boot=args.n_boot, seed=args.seed)
+    print(f"report: {outputs.report}")
+    for path in outputs.plots:
+        print(f"plot:   {path}")
+    return 0
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from bitlaws.laws import advise, render_advice  # pylint: disable=g-import-not-at-top
+
+    print(render_advice(advise(args.results, args.budget_mb, family=args.family, metric=args.metric)))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bitlaws import configlib  # pylint: disable=g-import-not-at-top
+
+    config = configlib.load_config(args.config, args.overrides)
+    family = config.get("family")
+    if family not in TRAINERS:
+        raise ValueError(f"config {args.config!r} has family={family!r}; trainable families: {sorted(TRAINERS)}")
+    module = importlib.import_module(TRAINERS[family])
+    summary = module.train_from_config(config, args.out)
+    print(f"trained {family}: {summary}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from bitlaws.eval import cli_impl  # pylint: disable=g-import-not-at-top
+
+    if args.eval_command == "fid":
+        return cli_impl.cmd_eval_fid(args.samples, args.ref, args.inception, args.batch_size,
+                                     progress=not args.no_progress)
+    return cli_impl.cmd_eval_stats(args.samples, args.out, args.inception, args.batch_size,
+                                   progress=not args.no_progress)
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="sweep config FILE.py[:ARG], e.g. configs/sweeps/demo.py")
+    parser.add_argument("--out", required=True, help="output folder (results.jsonl, config.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--force", action="store_true",
+                        help="resume into a folder whose config.json differs in grid-defining fields")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +127,54 @@ def build_parser() -> argparse.ArgumentParser:
     port.add_argument("--config", help="model config FILE.py[:ARG] (required for var, vqvae and dit)")
     port.add_argument("--key", help="sub-dict of a nested checkpoint, e.g. 'ema' or 'model'")
     port.set_defaults(func=_cmd_port)
+
+    sweep = sub.add_parser("sweep", help="run a resumable sweep of model x precision x format x method cells",
+                           description="Evaluate every cell of a sweep config; finished cells are appended to "
+                                       "OUT/results.jsonl and skipped when the sweep is rerun.")
+    _add_sweep_arguments(sweep)
+    sweep.set_defaults(func=_cmd_sweep)
+
+    report = sub.add_parser("report", help="fit scaling laws to a sweep; write plots and report.md",
+                            description="Power-law fits (bootstrap CIs), Pareto analysis, Figure-1 style plots "
+                                        "(PNG + SVG) and report.md for a sweep's results.jsonl.")
+    report.add_argument("--results", required=True, help="results.jsonl or the sweep folder")
+    report.add_argument("--out", help="output folder (default: the sweep folder)")
+    report.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
+    report.add_argument("--seed", type=int, default=0)
+    report.set_defaults(func=_cmd_report)
+
+    advise = sub.add_parser("advise", help="best model size x precision for a weight-storage budget",
+                            description="Answer, from the laws fitted to a sweep, which size and precision give the "
+                                        "best quality within a budget of weight storage (MT bits / 8e6 MB).")
+    advise.add_argument("--budget-mb", type=float, required=True)
+    advise.add_argument("--results", required=True, help="results.jsonl or the sweep folder")
+    advise.add_argument("--family", help="var or dit (default: every family)")
+    advise.add_argument("--metric", choices=("mt", "ct"), default="mt")
+    advise.set_defaults(func=_cmd_advise)
+
+    train = sub.add_parser("train", help="train a demo model (classifier, vqvae, var, dit) from a config",
+                           description="Train (or resume) a demo model; the config's `family` picks the trainer.")
+    train.add_argument("--config", required=True, help="e.g. configs/demo/var.py:depth=4")
+    train.add_argument("--out", help="checkpoint folder (default: the config's)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="FID / IS with the standard FID Inception",
+                              description="Sharded FID / Inception Score evaluation (weights: the pytorch-fid "
+                                          "Inception file, see README).")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    eval_sub.required = True
+    fid = eval_sub.add_parser("fid", help="FID (and IS) of samples against reference statistics")
+    fid.add_argument("--samples", required=True, help="samples: ADM-style .npz (arr_0 uint8 NHWC) or PNG folder")
+    fid.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma) or samples")
+    stats = eval_sub.add_parser("stats", help="write a reference statistics .npz (mu, sigma)")
+    stats.add_argument("--samples", required=True, help="images: .npz (arr_0 uint8 NHWC) or a PNG folder")
+    stats.add_argument("--out", required=True, help="output .npz")
+    for p in (fid, stats):
+        p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: $BITLAWS_FID_INCEPTION)")
+        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -63,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, pickle.UnpicklingError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
         print(f"bitlaws {args.command}: error: {e}", file=sys.stderr)
         return 2
 

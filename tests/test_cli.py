@@ -1,9 +1,12 @@
 """The `bitlaws` console script."""
 
+import pathlib
 import subprocess
 import sys
 
 from bitlaws import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_subcommands(capsys):
@@ -11,7 +14,9 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     except SystemExit as e:
         assert e.code == 0
-    assert "formats" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for command in ("formats", "port", "sweep", "report", "advise", "train", "eval"):
+        assert command in out
 
 
 def test_formats_table_small(capsys):
@@ -35,3 +40,26 @@ def test_bad_format_is_a_clear_error(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "bitlaws.cli", "--help"], capture_output=True, text=True, check=True)
     assert "formats" in out.stdout
+
+
+def test_sweep_and_report_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "toy"
+    args = ["sweep", "--config", f"{REPO}/configs/sweeps/toy.py:small", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 10
+    assert cli.main(args) == 0  # resumes: nothing left to do
+    assert "0 now" in capsys.readouterr().out
+    assert cli.main(["train", "--config", f"{REPO}/configs/sweeps/toy.py"]) == 2  # not a trainable family
+    assert "trainable families" in capsys.readouterr().err
+
+
+def test_eval_fid_without_inception_weights_says_what_to_download(tmp_path, capsys):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    assert cli.main(["eval", "fid", "--samples", str(samples), "--ref", str(samples), "--inception", str(missing),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pt_inception-2015-12-05-6726825d.pth" in err and "BITLAWS_FID_INCEPTION" in err

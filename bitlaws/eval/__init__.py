@@ -6,3 +6,6 @@ from bitlaws.eval.sharded import accumulate_features
 from bitlaws.eval.stats import FeatureStats
 
 __all__ = ["frechet_distance", "inception_score", "FeatureStats", "accumulate_features"]
+from bitlaws.eval.fid import compute_fid, fid_from_stats, inception_stats
+
+__all__ += ["compute_fid", "fid_from_stats", "inception_stats"]

@@ -13,10 +13,11 @@ from bitlaws.quant.qarray import QArray, dequantize, fake_quant, quantize
 from bitlaws.quant.seam import ActStats, LayerQuant, qconv, qdot, register_backend
 from bitlaws.quant.spec import QuantRule, QuantSpec
 from bitlaws.quant.transform import (UnusedRuleWarning, calibration_stats, match_rules,
-                                     quantize_model, register_weight_method, run_calibration, with_mode)
+                                     bake_fake_weights, quantize_model, register_weight_method, run_calibration,
+                                     with_mode)
 
 __all__ = [
-    "ActStats", "BitReport", "FpFormat", "IntFormat", "LayerQuant", "MxFormat", "QArray", "QConv", "QFormat",
+    "ActStats", "BitReport", "bake_fake_weights", "FpFormat", "IntFormat", "LayerQuant", "MxFormat", "QArray", "QConv", "QFormat",
     "QLinear", "QuantRule", "QuantSpec", "QuantizedLayer", "UnusedRuleWarning", "bit_accounting",
     "calibration_stats", "dequantize", "fake_quant", "format_names", "match_rules", "parse_format", "qarray_nbytes",
     "qconv", "qdot", "quantize", "quantize_model", "register_backend", "register_weight_method", "run_calibration", "with_mode",

@@ -219,3 +219,22 @@ def with_mode(model: nnx.Module, mode: str) -> nnx.Module:
             continue
         layer.quant = dataclasses.replace(layer.quant, mode=mode)
     return new_model
+
+
+def bake_fake_weights(model: nnx.Module) -> nnx.Module:
+    """A copy whose fake-quantized kernels are replaced by their quantize-dequantize values.
+
+    The result computes exactly what the ``fake`` model computes, but weight quantization happens once
+    instead of at every call, and layers with float activations return to ``fp`` mode. Models that differ
+    only in weight precision then share one graph definition, so jitted samplers compile once per
+    activation setting instead of once per weight setting (what a sweep over many settings needs).
+    Training through a baked model updates the baked values: use the ``fake`` model for QAT.
+    """
+    new_model = nnx.clone(model)
+    for _, layer in quant_layers(new_model):
+        quant = layer.quant
+        if quant.mode != "fake" or quant.weight is None:
+            continue
+        layer.kernel.set_value(qarray.fake_quant(layer.kernel[...], quant.weight))
+        layer.quant = seam.FP if quant.act is None else dataclasses.replace(quant, weight=None)
+    return new_model

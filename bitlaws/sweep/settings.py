@@ -16,6 +16,9 @@ family   weights (per output channel, or groups)      activations (dynamic, one 
 Methods: the sweep looks every method up by name in ONE registry (`get_method`). It holds the float
 baseline ``none``, every weight method of `bitlaws.quant.transform` (``rtn`` and PTQ methods registered
 there) and whatever `register_method` adds (QAT methods, PTQ methods that need custom calibration).
+Weight methods produce ``packed`` models (``rtn`` without static activations: the numerically equal baked
+fake-quant model, see `_weight_method`); every weight method except ``rtn`` gets calibration statistics
+(with ``X^T X``) from the evaluator's `MethodContext.calibrate` callback.
 """
 
 from __future__ import annotations
@@ -232,6 +235,10 @@ def _weight_method(name: str) -> QuantMethod:
                 raise ValueError(f"method {name!r} needs calibration statistics but the evaluator gives no "
                                  f"calibration callback")
             stats = context.calibrate(model, rules, name != "rtn")
+        if name == "rtn" and stats is None:
+            # Same numbers as the packed RTN model (tested in tests/quant), but weights are quantized once and
+            # weight-only settings share the float model's graph: samplers compile once per activation setting.
+            return transform.bake_fake_weights(transform.quantize_model(model, rules, mode="fake", warn_unused=False))
         return transform.quantize_model(model, rules, stats, mode="packed", method=name, warn_unused=False)
 
     return QuantMethod(name, "ptq", quantize)
@@ -266,3 +273,21 @@ def _float_baseline(model: nnx.Module, rules: Sequence[QuantRule], context: Meth
 
 
 register_method(FLOAT_METHOD, _float_baseline, kind="float")
+
+
+def quant_options(config) -> dict[str, Any]:
+    """Keyword arguments of `quant_rules` from the optional ``config.quant`` block of a sweep config.
+
+    ``config.quant.weight_group_size`` (None or 0 = per channel) and ``config.quant.weight_calibrator``.
+    """
+    block = config.get("quant", None) if hasattr(config, "get") else None
+    if not block:
+        return {}
+    options: dict[str, Any] = {}
+    group_size = block.get("weight_group_size", None)
+    if group_size:
+        options["weight_group_size"] = int(group_size)
+    calibrator = block.get("weight_calibrator", None)
+    if calibrator:
+        options["weight_calibrator"] = str(calibrator)
+    return options

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitlaws.quant import (QArray, QuantRule, QuantSpec, UnusedRuleWarning, calibration_stats, dequantize,
+from bitlaws.quant import (QArray, QuantRule, QuantSpec, UnusedRuleWarning, bake_fake_weights, calibration_stats, dequantize,
                            match_rules, quantize_model, run_calibration, with_mode)
 from bitlaws.quant.layers import QLinear
 from bitlaws.port.mapping import to_state_dict
@@ -156,3 +156,15 @@ def test_unknown_mode_method_backend(block):
         quantize_model(block, W8A8, mode="packed", method="gptq")
     with pytest.raises(ValueError, match="backend"):
         quantize_model(block, W8A8, mode="packed", backend="cuda")
+
+
+def test_baked_weights_compute_the_fake_model_with_shared_graphs(block, images):
+    w4 = [QuantRule(module_path=".*", weight=QuantSpec(format="int4"))]
+    w8a8 = W8A8
+    baked4 = bake_fake_weights(quantize_model(block, w4))
+    np.testing.assert_array_equal(np.asarray(baked4(images)), np.asarray(quantize_model(block, w4)(images)))
+    np.testing.assert_allclose(np.asarray(bake_fake_weights(quantize_model(block, w8a8))(images)),
+                               np.asarray(quantize_model(block, w8a8)(images)), rtol=1e-6, atol=1e-6)
+    # Weight-only settings share the float model's graph definition: a jitted function compiles once.
+    assert nnx.graphdef(baked4) == nnx.graphdef(block)
+    assert baked4.qkv.quant.mode == "fp" and block.qkv.kernel[...] is not baked4.qkv.kernel[...]

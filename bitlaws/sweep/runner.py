@@ -1,0 +1,335 @@
+"""Runs a sweep: evaluates every unfinished cell of the grid and appends one record per finished cell.
+
+Evaluators are registered by name: ``register_evaluator(name, factory)`` where ``factory(config)`` returns
+``evaluate(cell) -> dict`` of metrics, at least ``fid``, ``mt_bits`` and ``ct_bits`` (anything else JSON
+serialisable is kept, e.g. ``metric_name``). A sweep config names its evaluator in ``config.evaluator``
+and, when registering it needs an import, the module in ``config.evaluator_module``.
+
+Output folder::
+
+    OUT/config.json     snapshot of the sweep config (a resume with different grid fields is refused)
+    OUT/results.jsonl   one record per finished cell (see `bitlaws.sweep.results`)
+
+Resuming: rerunning the same command skips every cell whose key is already in ``results.jsonl``. A cell
+whose evaluation raises is not recorded; the error is logged with the cell key and the sweep stops, or
+goes on when ``config.stop_on_error`` is False. Ctrl-C stops cleanly after keeping every finished cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import ml_collections
+from tqdm import tqdm
+
+from bitlaws import configlib
+from bitlaws.sweep import grid as grid_lib
+from bitlaws.sweep.grid import Cell
+from bitlaws.sweep.results import REQUIRED_FIELDS, ResultsFile, exclusive_lock
+
+RESULTS_NAME = "results.jsonl"
+SNAPSHOT_NAME = "config.json"
+REQUIRED_METRICS = ("fid", "mt_bits", "ct_bits")
+# Config leaves that do not change what a cell's record means; they may differ on resume. A config can
+# add dotted paths in ``config.runtime_fields``.
+RUNTIME_FIELDS = frozenset({"stop_on_error", "sleep_s", "progress", "runtime_fields", "description"})
+
+EvaluateFn = Callable[[Cell], Mapping[str, Any]]
+EvaluatorFactory = Callable[[ml_collections.ConfigDict], EvaluateFn]
+_EVALUATORS: dict[str, EvaluatorFactory] = {}
+
+
+def register_evaluator(name: str, factory: EvaluatorFactory) -> None:
+    """Registers ``factory(config) -> evaluate(cell) -> metrics`` under `name` (re-registering replaces it)."""
+    _EVALUATORS[name] = factory
+
+
+def evaluator_names() -> list[str]:
+    return sorted(_EVALUATORS)
+
+
+def get_evaluator(config: ml_collections.ConfigDict) -> EvaluatorFactory:
+    """The factory named by ``config.evaluator``, importing ``config.evaluator_module`` first if set.
+
+    Raises:
+        ValueError: no ``evaluator`` field, or an unregistered name (the message lists registered ones).
+    """
+    module = config.get("evaluator_module", None)
+    if module:
+        importlib.import_module(module)
+    name = config.get("evaluator", None)
+    if not name:
+        raise ValueError("sweep config has no 'evaluator' field")
+    if name not in _EVALUATORS:
+        raise ValueError(f"unknown sweep evaluator {name!r}; registered evaluators: {evaluator_names()}")
+    return _EVALUATORS[name]
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    """What one `run_sweep` call did.
+
+    Attributes:
+        out_dir: The output folder.
+        results_path: Its ``results.jsonl``.
+        total: Cells in the grid.
+        already_done: Grid cells found finished at the start.
+        evaluated: Keys finished by this call, in order.
+        failed: ``(key, error message)`` of cells whose evaluation raised.
+        left_out: ``(combination, reason)`` of grid combinations with no cell (e.g. W3 with fp).
+        repairs: Messages of `ResultsFile.repair` (cut-off lines moved to ``results.jsonl.corrupt``).
+        interrupted: True when Ctrl-C stopped the sweep.
+        wall_s: Seconds this call took.
+    """
+
+    out_dir: pathlib.Path
+    results_path: pathlib.Path
+    total: int
+    already_done: int
+    evaluated: list[str] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    left_out: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    repairs: list[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def finished(self) -> int:
+        return self.already_done + len(self.evaluated)
+
+    @property
+    def complete(self) -> bool:
+        return self.finished == self.total
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every cell is finished, 130 after Ctrl-C, 1 otherwise."""
+        if self.interrupted:
+            return 130
+        return 0 if self.complete else 1
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded with every cell: python, jax, flax, numpy, bitlaws."""
+    import flax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy  # pylint: disable=g-import-not-at-top
+
+    try:
+        bitlaws_version = importlib.metadata.version("bitlaws")
+    except importlib.metadata.PackageNotFoundError:
+        bitlaws_version = "unknown"
+    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "numpy": numpy.__version__, "bitlaws": bitlaws_version}
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(cell: Cell, metrics: Mapping[str, Any], wall_s: float,
+                version_info: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """The results record of a finished cell.
+
+    Raises:
+        ValueError: `metrics` misses ``fid`` / ``mt_bits`` / ``ct_bits`` or sets a field the runner owns.
+    """
+    missing = [name for name in REQUIRED_METRICS if name not in metrics]
+    if missing:
+        raise ValueError(f"evaluator returned no {missing} for cell {cell.key}")
+    reserved = sorted((set(REQUIRED_FIELDS) | {"params", "prng_seed"}).difference(REQUIRED_METRICS) & set(metrics))
+    if reserved:
+        raise ValueError(f"evaluator may not set the runner's fields {reserved} (cell {cell.key})")
+    record: dict[str, Any] = {
+        "key": cell.key, "model": cell.model, "setting": cell.setting, "format": cell.format,
+        "method": cell.method, "params": dict(cell.params), "seed": cell.seed, "prng_seed": cell.prng_seed,
+    }
+    record.update(metrics)
+    record["wall_s"] = round(float(wall_s), 4)
+    record["versions"] = dict(version_info or versions())
+    record["time"] = _utc_now()
+    return record
+
+
+# -------------------------------------------------------------------------------------------- snapshot
+
+def config_snapshot(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists), as stored in ``config.json``."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(data, default=str, sort_keys=True))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def grid_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted config fields that differ between two snapshots, ignoring runtime fields.
+
+    A field is ignored when its last component is in `RUNTIME_FIELDS` or its dotted path is listed in the
+    new snapshot's ``runtime_fields``.
+    """
+    ignored = set(new.get("runtime_fields") or ())
+    flat_old, flat_new = _flatten(dict(old)), _flatten(dict(new))
+    differing = []
+    for field in sorted(set(flat_old) | set(flat_new)):
+        if field.rsplit(".", 1)[-1] in RUNTIME_FIELDS or field in ignored:
+            continue
+        if flat_old.get(field, "<absent>") != flat_new.get(field, "<absent>"):
+            differing.append(field)
+    return differing
+
+
+def _write_json_atomically(path: pathlib.Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_snapshot(out_dir: pathlib.Path, config: ml_collections.ConfigDict, *, force: bool = False) -> None:
+    """Writes ``out_dir/config.json``, or checks that an existing one matches `config`.
+
+    Raises:
+        ValueError: the existing snapshot differs in grid-defining fields (named) and `force` is False.
+    """
+    path = out_dir / SNAPSHOT_NAME
+    snapshot = config_snapshot(config)
+    if path.exists() and not force:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        differing = grid_differences(old, snapshot)
+        if differing:
+            flat_old, flat_new = _flatten(old), _flatten(snapshot)
+            details = "; ".join(f"{f}: {flat_old.get(f, '<absent>')!r} -> {flat_new.get(f, '<absent>')!r}"
+                                for f in differing)
+            raise ValueError(f"{out_dir} holds a sweep with a different config ({details}); use another output "
+                             f"folder, or force=True (--force) to resume into it anyway")
+        if old == snapshot:
+            return
+    _write_json_atomically(path, snapshot)
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def _log_to(log: Callable[[str], Any], progress: bool) -> Callable[[str], Any]:
+    """Routes `print` through tqdm while the bar is shown so lines do not tear it."""
+    if progress and log is print:
+        return lambda message: tqdm.write(str(message), file=sys.stderr)
+    return log
+
+
+def _evaluate_cell(evaluate: EvaluateFn, cell: Cell, version_info: Mapping[str, str]) -> dict[str, Any]:
+    start = time.perf_counter()
+    metrics = evaluate(cell)
+    wall_s = time.perf_counter() - start
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"evaluator returned {type(metrics).__name__}, not a mapping of metrics")
+    record = make_record(cell, dict(metrics), wall_s, version_info)
+    fid = record["fid"]
+    if not isinstance(fid, (int, float)) or isinstance(fid, bool):
+        raise TypeError(f"metric 'fid' must be a number, got {type(fid).__name__}")
+    if math.isnan(fid):
+        raise ValueError("metric 'fid' is NaN")
+    return record
+
+
+def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike], *, progress: bool = True,
+              log: Callable[[str], Any] = print, force: bool = False) -> SweepSummary:
+    """Evaluates every unfinished cell of `config`'s grid, appending a record to ``out_dir/results.jsonl`` each.
+
+    Args:
+        config: Sweep config (grid fields as in `bitlaws.sweep.grid`, plus ``evaluator``, optional
+            ``evaluator_module``, ``stop_on_error`` (default True), ``quant``, evaluator-specific blocks).
+        out_dir: Output folder, created if needed.
+        progress: Show a tqdm bar (total = all cells, starting at the finished ones) with ETA.
+        log: Receives one string per event (left-out combinations, repairs, errors, interruption).
+        force: Resume even if ``config.json`` in `out_dir` differs in grid-defining fields (it is replaced).
+
+    Returns:
+        A `SweepSummary`; ``summary.exit_code`` is what a command line should return.
+
+    Raises:
+        ValueError: bad config, unknown evaluator/method, or a snapshot mismatch without `force`.
+        RuntimeError: another sweep holds the folder's lock.
+    """
+    start = time.perf_counter()
+    expansion = grid_lib.expand_grid_report(config)
+    factory = get_evaluator(config)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = _log_to(log, progress)
+    with exclusive_lock(out):
+        check_snapshot(out, config, force=force)
+        results = ResultsFile(out / RESULTS_NAME)
+        finished = {record["key"] for record in results.load()}
+        cells = expansion.cells
+        todo = [cell for cell in cells if cell.key not in finished]
+        summary = SweepSummary(out, results.path, len(cells), len(cells) - len(todo),
+                               left_out=list(expansion.skipped), repairs=list(results.repairs))
+        for combination, reason in expansion.skipped:
+            emit(f"sweep: left out {combination}: {reason}")
+        for message in results.repairs:
+            emit(f"sweep: repaired {message}")
+        if todo:
+            _run_cells(config, factory, todo, results, summary, progress, emit)
+    summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+def _run_cells(config: ml_collections.ConfigDict, factory: EvaluatorFactory, todo: list[Cell],
+               results: ResultsFile, summary: SweepSummary, progress: bool, emit: Callable[[str], Any]) -> None:
+    stop_on_error = bool(config.get("stop_on_error", True))
+    version_info = versions()
+    bar = tqdm(total=summary.total, initial=summary.already_done, unit="cell", desc="sweep",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        evaluate = factory(config)
+        for cell in todo:
+            bar.set_postfix_str(cell.key, refresh=False)
+            try:
+                record = _evaluate_cell(evaluate, cell, version_info)
+            except Exception as e:  # pylint: disable=broad-except
+                message = f"{type(e).__name__}: {e}"
+                summary.failed.append((cell.key, message))
+                emit(f"sweep: cell {cell.key} failed: {message}\n{traceback.format_exc().rstrip()}")
+                if stop_on_error:
+                    emit("sweep: stopping (stop_on_error=True); rerun to retry the failed cell")
+                    return
+                continue
+            results.append(record)
+            summary.evaluated.append(cell.key)
+            bar.update(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        emit(f"sweep: interrupted; {summary.finished}/{summary.total} cells are in {results.path}; "
+             f"rerun the same command to resume")
+    finally:
+        bar.close()
+
+
+def run_sweep_from_config(config_spec: str, out_dir: Union[str, os.PathLike], overrides: Sequence[str] = (), *,
+                          progress: bool = True, log: Callable[[str], Any] = print,
+                          force: bool = False) -> SweepSummary:
+    """Loads ``file.py[:arg]`` with ``--set`` style `overrides` and runs `run_sweep` on it."""
+    config = configlib.load_config(config_spec, overrides)
+    return run_sweep(config, out_dir, progress=progress, log=log, force=force)

@@ -1,0 +1,129 @@
+"""Plots, report and the bit-budget advisor on a small synthetic sweep."""
+
+import json
+import xml.etree.ElementTree as ElementTree
+
+import numpy as np
+import pytest
+
+from bitlaws.laws import BudgetTooSmallError, advise, fit, plots, render_advice, report
+
+SIZES = {"d2": 2e5, "d4": 4e5, "d6": 8e5, "d8": 1.6e6}
+SETTINGS = (("W16A16", "none"), ("W8A16", "int"), ("W4A16", "int"), ("W4A16", "fp"), ("W8A8", "int"))
+# (A, α, β, E): VAR favours fewer bits per parameter (β < α), DiT does not (β > α).
+LAWS = {"var": (400.0, 0.45, 0.2, 2.0), "dit": (400.0, 0.3, 0.7, 2.0)}
+METRIC = "classifier-feature Fréchet distance (FID analogue)"
+
+
+def _true_fid(family: str, params: float, w_bits: int, a_bits: int) -> float:
+    amplitude, alpha, beta, floor = LAWS[family]
+    return amplitude * params ** -alpha * w_bits ** -beta * a_bits ** -0.1 + floor
+
+
+def _sweep_rows(noise: float = 0.0) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for family in LAWS:
+        for depth, params in SIZES.items():
+            for setting, fmt in SETTINGS:
+                w_bits, a_bits = (int(v) for v in setting[1:].split("A"))
+                fid = _true_fid(family, params, w_bits, a_bits) * (1.0 + noise * rng.standard_normal())
+                rows.append(dict(key=f"{family}-{depth}|{setting}|{fmt}|rtn", model=f"{family}-{depth}",
+                                 setting=setting, format=fmt, method="rtn", fid=fid, mt_bits=params * w_bits,
+                                 ct_bits=params * w_bits * a_bits, metric_name=METRIC, n_samples=128))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sweep")
+    (directory / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sweep_rows(0.005)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def law_fits(results_dir):
+    return fit.fit_all(fit.load_results(results_dir), n_boot=15, seed=0)
+
+
+def test_plots_are_written(results_dir, law_fits, tmp_path):
+    paths = plots.plot_scaling(fit.load_results(results_dir), tmp_path / "plots", law_fits)
+    assert sorted(p.name for p in paths) == ["scaling_ct.png", "scaling_ct.svg", "scaling_mt.png", "scaling_mt.svg"]
+    for path in paths:
+        assert path.is_file()
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+        else:
+            root = ElementTree.parse(path).getroot()
+            assert root.tag.endswith("svg")
+            assert "VAR" in path.read_text() and "DiT" in path.read_text()
+
+
+def test_plots_reject_empty_rows(tmp_path):
+    with pytest.raises(ValueError, match="no usable cells"):
+        plots.plot_scaling([], tmp_path)
+
+
+def test_report_has_table_fits_and_computed_verdicts(results_dir, law_fits, tmp_path):
+    path = report.write_report(fit.load_results(results_dir), tmp_path, fits=law_fits, source=str(results_dir))
+    text = path.read_text()
+    assert path.name == "report.md"
+    assert "## All cells" in text and "| var-d8 |" in text and "| dit-d2 |" in text
+    assert text.count("| var-") == len(SIZES) * len(SETTINGS)  # one table row per VAR cell
+    assert METRIC in text and "Samples per cell: 128" in text
+    assert "Fitted power laws" in text and "Bivariate law" in text and "Which precision wins" in text
+    assert "Result on MT: **holds**" in text
+    var_line = next(line for line in text.splitlines() if line.startswith("* **VAR**"))
+    dit_line = next(line for line in text.splitlines() if line.startswith("* **DiT**"))
+    assert "**holds**" in var_line and "**holds**" in dit_line
+
+
+def test_report_verdict_follows_the_data(tmp_path):
+    rows = _sweep_rows()
+    for row in rows:  # make quantized VAR clearly worse than its W16A16 curve
+        if row["model"].startswith("var") and row["setting"] != "W16A16":
+            row["fid"] *= 3.0
+    text = report.write_report(rows, tmp_path, n_boot=0).read_text()
+    var_line = next(line for line in text.splitlines() if line.startswith("* **VAR**"))
+    assert "Result on MT: **does not hold**" in var_line
+
+
+def test_analyze_writes_everything(results_dir, tmp_path):
+    outputs = report.analyze(results_dir / "results.jsonl", tmp_path, n_boot=0)
+    assert outputs.report.is_file() and len(outputs.plots) == 4
+    assert "![scaling_mt](scaling_mt.png)" in outputs.report.read_text()
+
+
+def test_advisor_picks_an_observed_cell_under_a_generous_budget(results_dir):
+    result = advise(results_dir, budget_mb=1e3, family="var")
+    assert result.best.family == "var" and result.best.source == "observed"
+    assert result.best.model == "var-d8" and result.best.observed_fid is not None
+    assert result.best.size_mb <= 1e3
+    scores = [result.best.predicted_fid] + [c.predicted_fid for c in result.alternatives]
+    assert scores == sorted(scores)
+    text = render_advice(result)
+    assert "Best:" in text and result.best.series in text and "var-d8" in text
+
+
+def test_advisor_interpolates_between_trained_sizes_with_the_law():
+    rows = _sweep_rows(noise=0.0)
+    budget_mb = 3e5 * 16 / 8e6  # W16A16 would fit 3e5 parameters: between d2 and d4
+    result = advise(rows, budget_mb, family="dit")
+    best = result.best
+    assert best.size_mb <= budget_mb * (1 + 1e-9)
+    assert best.series == "W16A16"  # DiT: bits are worth more than parameters in this synthetic law
+    assert best.source == "interpolated" and best.model == "between dit-d2 and dit-d4"
+    assert best.params == pytest.approx(3e5, rel=1e-6)
+    assert best.predicted_fid == pytest.approx(_true_fid("dit", 3e5, 16, 16), rel=0.01)
+    for other in result.alternatives:
+        assert other.size_mb <= budget_mb * (1 + 1e-9)
+
+
+def test_advisor_ct_metric_and_errors(results_dir):
+    assert advise(results_dir, budget_mb=1e4, metric="ct").best.size_mb <= 1e4
+    with pytest.raises(BudgetTooSmallError, match=r"smallest option is (var|dit)-d2 W4A16-(int|fp) at 0\.1 MB"):
+        advise(results_dir, budget_mb=0.01)
+    with pytest.raises(ValueError, match="no usable cells"):
+        advise(results_dir, budget_mb=1.0, family="sd")
+    with pytest.raises(ValueError, match="metric"):
+        advise(results_dir, budget_mb=1.0, metric="flops")
