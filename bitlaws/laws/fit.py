@@ -2,10 +2,10 @@
 
 Input rows are the JSON objects of a sweep's ``results.jsonl`` with at least ``key``, ``model`` (``var-d4``; the
 family is the part before the first ``-``), ``setting`` (``W4A16`` ...), ``format`` (``int``/``fp``/``none``),
-``method`` (``rtn``), ``fid`` (lower is better), ``mt_bits`` and ``ct_bits``; optional ``params`` (parameter count
+``method`` (``rtn``), ``fid`` (lower is better), ``mt_bits`` and ``ct_bits``; optional ``n_params`` (parameter count
 of the quantized network) and ``metric_name``.
 
-Parameter count N. When a row has no ``params``, N is derived from bit accounting: the model's W16A16 row (same
+Parameter count N. When a row has no ``n_params``, N is derived from bit accounting: the model's W16A16 row (same
 ``model``) stores every parameter at 16 bits, so ``N = mt_bits(W16A16) / 16`` exactly. Without a W16A16 row,
 ``N ≈ mt_bits / b_w`` with ``b_w`` the setting's weight bits; this over-estimates N slightly, because the
 parameters the setting leaves in float (biases, norms, embeddings) count 16 bits each in MT.
@@ -188,8 +188,8 @@ def cells_from_rows(rows: RowsLike) -> list[Cell]:
         w_bits, a_bits = parse_setting(setting)
         fmt = str(r.get("format") or "none").lower()
         method = str(r.get("method") or "none").lower()
-        if _finite_positive(r.get("params")):
-            params, derived = float(r["params"]), False
+        if _finite_positive(r.get("n_params")):
+            params, derived = float(r["n_params"]), False
         elif r["model"] in baseline_params:
             params, derived = baseline_params[r["model"]], True
         else:

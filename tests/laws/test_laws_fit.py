@@ -121,7 +121,7 @@ def test_load_results_dedupes_and_tolerates_truncated_tail(tmp_path):
 
 def test_cells_derive_params_from_the_baseline_row():
     rows = [_row("dit-d2", "W16A16", "none", 5.0, 1000), _row("dit-d2", "W4A16", "fp", 6.0, 1000),
-            dict(_row("dit-d4", "W8A8", "int", 4.0, 2000), params=1900), _row("dit-d6", "W4A16", "int", 3.0, 3000)]
+            dict(_row("dit-d4", "W8A8", "int", 4.0, 2000), n_params=1900), _row("dit-d6", "W4A16", "int", 3.0, 3000)]
     rows[1]["mt_bits"] = 4 * 900 + 16 * 100  # 10% of the parameters stay at 16 bits
     cells = {c.model + c.setting: c for c in fit.cells_from_rows(rows)}
     assert cells["dit-d2W4A16"].params == 1000 and cells["dit-d2W4A16"].params_derived

@@ -14,12 +14,12 @@ def _rows(family: str, quantized_factor: dict) -> list[dict]:
     for depth, n in enumerate(SIZES):
         model = f"{family}-d{depth}"
         rows.append(dict(key=f"{model}|W16A16", model=model, setting="W16A16", format="none", method="none",
-                         fid=50.0 * (16 * n) ** -0.3 + 1.0, mt_bits=16 * n, ct_bits=256 * n, params=n))
+                         fid=50.0 * (16 * n) ** -0.3 + 1.0, mt_bits=16 * n, ct_bits=256 * n, n_params=n))
         for setting, factor in quantized_factor.items():
             w_bits, a_bits = (int(v) for v in setting[1:].split("A"))
             mt = w_bits * n
             rows.append(dict(key=f"{model}|{setting}", model=model, setting=setting, format="int", method="rtn",
-                             fid=(50.0 * mt ** -0.3 + 1.0) * factor, mt_bits=mt, ct_bits=mt * a_bits, params=n))
+                             fid=(50.0 * mt ** -0.3 + 1.0) * factor, mt_bits=mt, ct_bits=mt * a_bits, n_params=n))
     return rows
 
 

@@ -1,0 +1,637 @@
+"""The demo VAR family: a tiny multi-scale VQ tokenizer and VAR transformers trained on the 16x16 digits.
+
+Everything is built from the same Flax code as the ported ImageNet models (`bitlaws.models.vqvae.VQVAE`,
+`bitlaws.models.var.VAR`, `bitlaws.sample.var_sampler`). This module holds
+
+* the tokenizer's differentiable training forward (multi-scale residual quantization with the
+  straight-through estimator, codebook + commitment losses) and its evaluation,
+* VAR teacher forcing (targets: the tokenizer's tokens; inputs: ``idx_bl_to_var_input``),
+* a small resumable trainer (optax AdamW, one jit-compiled step, tqdm progress bar, orbax train state in
+  ``OUT/train_state`` every ``checkpoint_every`` steps, the final model via `bitlaws.checkpoint.save_model`),
+* `train_from_config` (the ``bitlaws train`` entry point for ``family = "vqvae"`` and ``"var"``),
+* the ``var`` demo family (`register_family` at import): members ``var-d2``, ``var-d3`` ... loaded from the
+  checkpoints shipped in ``bitlaws/demo/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import re
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from bitlaws import checkpoint
+from bitlaws.demo.data import DigitsData, load_digits
+from bitlaws.demo.family import register_family
+from bitlaws.models.var import VAR
+from bitlaws.models.vqvae import VQVAE, area_resize, bicubic_resize
+from bitlaws.sample.var_sampler import autoregressive_infer_cfg
+
+FAMILY = "var"
+CHECKPOINT_ROOT = pathlib.Path(__file__).resolve().parent / "checkpoints"
+TOKENIZER_NAME = "vqvae"
+TRAIN_STATE_DIR = "train_state"
+QUANT_PATTERN = (r"word_embed|blocks\.\d+\.(attn\.(mat_qkv|proj)|ffn\.fc[12]|ada_lin)"
+                 r"|head_nm\.ada_lin|head")
+"""Every linear layer of the VAR transformer (the tokenizer stays in float, as in the paper)."""
+
+PathLike = Union[str, pathlib.Path]
+Batch = tuple[np.ndarray, ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model construction.
+# ----------------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """ConfigDicts, tuples and numpy scalars -> JSON-friendly python values."""
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+        return {str(k): _plain(v) for k, v in dict(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _vqvae_kwargs(ctor: Mapping[str, Any]) -> dict[str, Any]:
+    kwargs = dict(ctor)
+    for key in ("ch_mult", "v_patch_nums"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(int(v) for v in kwargs[key])
+    return kwargs
+
+
+def build_tokenizer(ctor: Mapping[str, Any], seed: int = 0) -> VQVAE:
+    """A freshly initialised `VQVAE` from its constructor arguments."""
+    return VQVAE(**_vqvae_kwargs(ctor), rngs=nnx.Rngs(seed))
+
+
+def var_kwargs(ctor: Mapping[str, Any], tokenizer_ctor: Mapping[str, Any]) -> dict[str, Any]:
+    """`VAR` keyword arguments: the transformer's config plus the tokenizer's vocabulary and width."""
+    kwargs = dict(ctor)
+    kwargs["patch_nums"] = tuple(int(p) for p in kwargs["patch_nums"])
+    if kwargs["patch_nums"] != tuple(int(p) for p in tokenizer_ctor["v_patch_nums"]):
+        raise ValueError(f"VAR patch_nums {kwargs['patch_nums']} != tokenizer v_patch_nums "
+                         f"{tuple(tokenizer_ctor['v_patch_nums'])}")
+    kwargs["vocab_size"] = int(tokenizer_ctor["vocab_size"])
+    kwargs["Cvae"] = int(tokenizer_ctor["z_channels"])
+    return kwargs
+
+
+def build_var(ctor: Mapping[str, Any], tokenizer_ctor: Mapping[str, Any], seed: int = 0) -> VAR:
+    """A freshly initialised `VAR` for the given tokenizer."""
+    return VAR(**var_kwargs(ctor, tokenizer_ctor), rngs=nnx.Rngs(seed))
+
+
+def num_params(model: nnx.Module) -> int:
+    """Number of parameters (all `nnx.Param` leaves)."""
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: training forward, losses, evaluation.
+# ----------------------------------------------------------------------------------------------
+
+def residual_quantize(vae: VQVAE, f: jax.Array, beta: float) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """Differentiable multi-scale residual quantization (the training counterpart of ``f_to_idx_bl_or_fhat``).
+
+    Each scale picks the nearest codes of the (area-downsampled) residual, upsamples them bicubically,
+    refines them with its ``Phi`` conv and adds them to ``f_hat``. The per-scale loss is the codebook term
+    ``|f_hat - sg(f)|^2`` plus ``beta * |sg(f_hat) - f|^2`` (commitment), averaged over the scales; the
+    returned ``f_hat`` passes the decoder's gradient straight through to ``f``.
+
+    Args:
+        vae: The tokenizer.
+        f: ``[B, H, W, C]`` float32 encoder features (``quant_conv`` applied).
+        beta: Commitment weight.
+
+    Returns:
+        ``(f_hat_st [B, H, W, C], vq_loss scalar, per scale int32 [B, pn*pn] tokens)``.
+    """
+    quantizer = vae.quantize
+    b, height, width, c = f.shape
+    f_detached = jax.lax.stop_gradient(f)
+    rest = f_detached
+    f_hat = jnp.zeros_like(f)
+    vq_loss = jnp.zeros((), jnp.float32)
+    tokens = []
+    for si, pn in enumerate(quantizer.v_patch_nums):
+        last = si == quantizer.num_scales - 1
+        z = rest if last else area_resize(rest, (pn, pn))  # [B, pn, pn, C]
+        idx = quantizer.nearest_code(jax.lax.stop_gradient(z).reshape(-1, c)).reshape(b, pn * pn)
+        h = quantizer.embed(idx).reshape(b, pn, pn, c)
+        if not last:
+            h = bicubic_resize(h, (height, width))  # [B, H, W, C]
+        h = quantizer.phi(si, h)
+        f_hat = f_hat + h
+        rest = rest - h
+        codebook_term = jnp.mean(jnp.square(f_hat - f_detached))
+        commitment_term = jnp.mean(jnp.square(jax.lax.stop_gradient(f_hat) - f))
+        vq_loss = vq_loss + codebook_term + beta * commitment_term
+        tokens.append(idx)
+    f_hat_st = f + jax.lax.stop_gradient(f_hat - f)  # straight-through
+    return f_hat_st, vq_loss / quantizer.num_scales, tokens
+
+
+def tokenizer_loss(vae: VQVAE, images: jax.Array, *, beta: float, l1_weight: float,
+                   l2_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """VQ-VAE training loss of a batch.
+
+    Args:
+        vae: The tokenizer.
+        images: ``[B, H, W, 3]`` float32 in [-1, 1].
+        beta: Commitment weight.
+        l1_weight, l2_weight: Reconstruction term weights.
+
+    Returns:
+        ``(loss, {"loss", "l1", "l2", "vq"})`` scalars.
+    """
+    f_hat, vq_loss, _ = residual_quantize(vae, vae.encode_features(images), beta)
+    recon = vae.decoder(vae.post_quant_conv(f_hat))  # [B, H, W, 3], not clamped
+    l1 = jnp.mean(jnp.abs(recon - images))
+    l2 = jnp.mean(jnp.square(recon - images))
+    loss = l1_weight * l1 + l2_weight * l2 + vq_loss
+    return loss, {"loss": loss, "l1": l1, "l2": l2, "vq": vq_loss}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _tokens_and_inputs(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inference tokenization: ``[B, H, W, 3]`` -> (tokens ``[B, L]`` int32, VAR inputs ``[B, L - 1, Cvae]``)."""
+    vae = nnx.merge(graphdef, state)
+    idx_list = vae.img_to_idx_bl(images)
+    return jnp.concatenate(idx_list, axis=1), vae.idx_bl_to_var_input(idx_list)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _reconstruct(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+    vae = nnx.merge(graphdef, state)
+    return vae.idx_bl_to_img(vae.img_to_idx_bl(images), last_one=True)
+
+
+def _batched(fn: Callable[[jax.Array], Any], images: np.ndarray, batch_size: int) -> list[Any]:
+    """Applies `fn` to fixed-size chunks (the last one zero-padded, results trimmed) to avoid recompiling."""
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size]
+        count = chunk.shape[0]
+        if count < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)])
+        result = fn(jnp.asarray(chunk))
+        outputs.append(jax.tree.map(lambda a, n=count: np.asarray(a)[:n], result))
+    return outputs
+
+
+def tokenize(vae: VQVAE, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenizes images with the inference path.
+
+    Args:
+        vae: The tokenizer.
+        images: ``[N, H, W, 3]`` float32 in [-1, 1].
+        batch_size: Chunk size.
+
+    Returns:
+        ``(tokens [N, L] int32 (all scales concatenated), VAR inputs [N, L - 1, Cvae] float32)``.
+    """
+    graphdef, state = nnx.split(vae)
+    parts = _batched(lambda x: _tokens_and_inputs(graphdef, state, x), images, batch_size)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def split_scales(tokens: np.ndarray, patch_nums: Sequence[int]) -> list[np.ndarray]:
+    """``[N, L]`` -> per scale ``[N, pn*pn]``."""
+    ends = np.cumsum([pn * pn for pn in patch_nums])
+    return np.split(tokens, ends[:-1], axis=1)
+
+
+def reconstruct(vae: VQVAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Tokenize-then-decode: ``[N, H, W, 3]`` in [-1, 1] -> ``[N, H, W, 3]`` in [-1, 1]."""
+    graphdef, state = nnx.split(vae)
+    return np.concatenate(_batched(lambda x: _reconstruct(graphdef, state, x), images, batch_size))
+
+
+def evaluate_tokenizer(vae: VQVAE, data: DigitsData) -> dict[str, float]:
+    """Reconstruction errors and codebook usage on `data`: ``mse``, ``l1``, ``codes_used``, ``perplexity``."""
+    recon = reconstruct(vae, data.images)
+    tokens, _ = tokenize(vae, data.images)
+    counts = np.bincount(tokens.reshape(-1), minlength=vae.vocab_size).astype(np.float64)
+    probs = counts / counts.sum()
+    entropy = -np.sum(probs[probs > 0] * np.log(probs[probs > 0]))
+    return {"mse": float(np.mean(np.square(recon - data.images))),
+            "l1": float(np.mean(np.abs(recon - data.images))),
+            "codes_used": int(np.count_nonzero(counts)),
+            "perplexity": float(np.exp(entropy))}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _quantizer_inputs(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The vectors each scale quantizes ``[N_vec, C]`` and the codes they pick ``[N_vec]``."""
+    vae = nnx.merge(graphdef, state)
+    quantizer = vae.quantize
+    f = vae.encode_features(images)  # [B, H, W, C]
+    b, height, width, c = f.shape
+    rest = f
+    vectors, picks = [], []
+    for si, pn in enumerate(quantizer.v_patch_nums):
+        last = si == quantizer.num_scales - 1
+        z = (rest if last else area_resize(rest, (pn, pn))).reshape(-1, c)  # [B*pn*pn, C]
+        idx = quantizer.nearest_code(z)
+        h = quantizer.embed(idx).reshape(b, pn, pn, c)
+        if not last:
+            h = bicubic_resize(h, (height, width))
+        rest = rest - quantizer.phi(si, h)
+        vectors.append(z)
+        picks.append(idx)
+    return jnp.concatenate(vectors), jnp.concatenate(picks)
+
+
+def reseed_dead_codes(vae: VQVAE, images: np.ndarray, rng: np.random.Generator, *, all_codes: bool = False) -> int:
+    """Replaces codes no vector of `images` picks by randomly chosen quantizer inputs (in place).
+
+    Args:
+        vae: The tokenizer (its codebook is modified).
+        images: ``[N, H, W, 3]`` float32 probe images.
+        rng: numpy generator choosing the replacement vectors.
+        all_codes: Re-seed the whole codebook (data-dependent initialisation).
+
+    Returns:
+        The number of re-seeded codes.
+    """
+    graphdef, state = nnx.split(vae)
+    vectors, picks = (np.asarray(a) for a in _quantizer_inputs(graphdef, state, jnp.asarray(images)))
+    used = np.bincount(picks, minlength=vae.vocab_size) > 0
+    dead = np.arange(vae.vocab_size) if all_codes else np.flatnonzero(~used)
+    if dead.size == 0:
+        return 0
+    chosen = vectors[rng.choice(vectors.shape[0], dead.size, replace=dead.size > vectors.shape[0])]
+    codebook = np.array(vae.quantize.embedding.embedding[...])
+    codebook[dead] = chosen
+    vae.quantize.embedding.embedding[...] = jnp.asarray(codebook)
+    return int(dead.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# VAR teacher forcing.
+# ----------------------------------------------------------------------------------------------
+
+def var_loss(model: VAR, labels: jax.Array, inputs: jax.Array, targets: jax.Array,
+             key: Optional[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Teacher-forced cross-entropy over all tokens of all scales.
+
+    Args:
+        model: The transformer.
+        labels: ``[B]`` int32 classes.
+        inputs: ``[B, L - 1, Cvae]`` float32 (``idx_bl_to_var_input``).
+        targets: ``[B, L]`` int32 tokens.
+        key: PRNG key (label dropout for CFG) or None (evaluation).
+
+    Returns:
+        ``(loss, {"loss", "acc"})``.
+    """
+    logits = model(labels, inputs, key=key)  # [B, L, V]
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    acc = jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+    return loss, {"loss": loss, "acc": acc}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _eval_var_batch(graphdef: nnx.GraphDef, state: nnx.State, labels: jax.Array, inputs: jax.Array,
+                    targets: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    logits = model(labels, inputs)  # [B, L, V]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(axis=1)  # [B]
+
+
+def teacher_forced_loss(model: VAR, vae: VQVAE, data: DigitsData, batch_size: int = 128) -> float:
+    """Mean per-token cross-entropy (nats) of `model` on `data`'s tokens, conditional labels, no dropout."""
+    tokens, inputs = tokenize(vae, data.images)
+    graphdef, state = nnx.split(model)
+    losses = []
+    for start in range(0, len(data), batch_size):
+        end = min(start + batch_size, len(data))
+        pad = batch_size - (end - start)
+        chunk = [np.pad(a[start:end], [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+                 for a in (data.labels, inputs, tokens)]
+        losses.append(np.asarray(_eval_var_batch(graphdef, state, *map(jnp.asarray, chunk)))[:end - start])
+    return float(np.mean(np.concatenate(losses)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The resumable trainer.
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _adamw(learning_rate: float, warmup_steps: int, steps: int, weight_decay: float) -> optax.GradientTransformation:
+    """One transformation object per setting, so that resumed runs hit the compiled step again."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                                  max(steps, warmup_steps + 1), end_value=0.05 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
+
+
+def make_optimizer(model: nnx.Module, train: ml_collections.ConfigDict) -> nnx.Optimizer:
+    """AdamW (b2 = 0.95) with linear warmup, cosine decay to 5 % and global-norm clipping at 1."""
+    tx = _adamw(float(train.learning_rate), int(train.warmup_steps), int(train.steps), float(train.weight_decay))
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def save_train_state(out_dir: PathLike, model: nnx.Module, optimizer: nnx.Optimizer, step: int,
+                     wall_s: float) -> None:
+    """Writes model + optimizer state + step (orbax) to ``out_dir/train_state``."""
+    tree = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+            "step": np.asarray(step, np.int64), "wall_s": np.asarray(wall_s, np.float64)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(pathlib.Path(out_dir).resolve() / TRAIN_STATE_DIR, tree, force=True)
+
+
+def restore_train_state(out_dir: PathLike, model: nnx.Module,
+                        optimizer: nnx.Optimizer) -> Optional[tuple[int, float]]:
+    """Loads ``out_dir/train_state`` into `model` and `optimizer` (in place).
+
+    Returns:
+        ``(step, wall_s)`` of the checkpoint, or None when there is none.
+    """
+    path = pathlib.Path(out_dir).resolve() / TRAIN_STATE_DIR
+    if not path.exists():
+        return None
+    model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
+    target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(optimizer_state),
+              "step": np.asarray(0, np.int64), "wall_s": np.asarray(0.0, np.float64)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, target)
+    # Same dtypes and placement as freshly built state, so the compiled train step is reused.
+    restored = jax.tree.map(lambda t, r: jnp.asarray(np.asarray(r), dtype=jnp.asarray(t).dtype), target, restored)
+    nnx.replace_by_pure_dict(model_state, restored["model"])
+    nnx.replace_by_pure_dict(optimizer_state, restored["optimizer"])
+    nnx.update(model, model_state)
+    nnx.update(optimizer, optimizer_state)
+    return int(restored["step"]), float(restored["wall_s"])
+
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(loss_fn: LossFn) -> Callable:
+    """One jit-compiled AdamW step over the split ``(model, optimizer)`` state."""
+
+    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+    def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, key: jax.Array):
+        model, optimizer = nnx.merge(graphdef, state)
+        grads, metrics = nnx.grad(lambda m: loss_fn(m, *batch, key), has_aux=True)(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), metrics
+
+    return train_step
+
+
+def fit(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Batch], train: ml_collections.ConfigDict,
+        out_dir: PathLike, *, desc: str, between_steps: Optional[Callable[[nnx.Module, int], None]] = None,
+        stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+    """Trains `model` in place for ``train.steps`` steps, resuming from ``out_dir/train_state``.
+
+    Args:
+        model: The model (updated in place).
+        loss_fn: ``loss_fn(model, *batch, key) -> (loss, metrics)``.
+        get_batch: ``step -> batch`` (numpy arrays), a deterministic function of the step.
+        train: ``steps``, ``learning_rate``, ``weight_decay``, ``warmup_steps``, ``checkpoint_every``, ``seed``.
+        out_dir: Where the train state goes.
+        desc: Progress bar label.
+        between_steps: Optional ``hook(model, step)`` run (outside jit) before each step.
+        stop_after: End this session after this many steps (the train state is saved; a later call
+            resumes), or None to run to ``train.steps``.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        ``{"start_step", "steps", "wall_s" (all sessions), "metrics" (mean of the last <= 50 steps)}``.
+    """
+    optimizer = make_optimizer(model, train)
+    resumed = restore_train_state(out_dir, model, optimizer)
+    start_step, previous_wall = resumed if resumed is not None else (0, 0.0)
+    train_step = _make_train_step(loss_fn)
+    base_key = jax.random.key(train.seed)
+    recent: list[dict[str, float]] = []
+    began = time.perf_counter()
+    step = start_step
+    wall_s = previous_wall
+    end_step = train.steps if stop_after is None else min(train.steps, start_step + stop_after)
+    bar = tqdm(total=train.steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
+    try:
+        while step < end_step:
+            if between_steps is not None:
+                between_steps(model, step)
+            graphdef, state = nnx.split((model, optimizer))
+            batch = tuple(jnp.asarray(a) for a in get_batch(step))
+            state, metrics = train_step(graphdef, state, batch, jax.random.fold_in(base_key, step))
+            nnx.update((model, optimizer), state)
+            step += 1
+            recent = (recent + [{k: float(v) for k, v in metrics.items()}])[-50:]
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in recent[-1].items()}, refresh=False)
+            wall_s = previous_wall + time.perf_counter() - began
+            if step % train.checkpoint_every == 0 or step == end_step:
+                save_train_state(out_dir, model, optimizer, step, wall_s)
+    finally:
+        bar.close()
+    metrics = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]} if recent else {}
+    return {"start_step": start_step, "steps": step, "wall_s": wall_s, "metrics": metrics}
+
+
+def _step_rng(seed: int, step: int) -> np.random.Generator:
+    """The numpy generator of training step `step` (>= -1; -1 is for set-up draws)."""
+    return np.random.default_rng([seed, step + 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training entry points.
+# ----------------------------------------------------------------------------------------------
+
+def _command(config: ml_collections.ConfigDict) -> str:
+    return str(config.get("command", f"bitlaws train --config configs/demo/{config.family}.py"))
+
+
+def train_tokenizer(config: ml_collections.ConfigDict, out_dir: PathLike, *, stop_after: Optional[int] = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Trains the demo tokenizer and saves it (`save_model`) to `out_dir`; returns the summary."""
+    train = config.train
+    ctor = _plain(config.model)
+    vae = build_tokenizer(ctor, train.seed)
+    images = load_digits("train").images
+    probe = images[_step_rng(train.seed, -1).choice(len(images), min(512, len(images)), replace=False)]
+
+    def get_batch(step: int) -> Batch:
+        return (images[_step_rng(train.seed, step).choice(len(images), train.batch_size, replace=False)],)
+
+    def between_steps(model: VQVAE, step: int) -> None:
+        if step == 0:
+            reseed_dead_codes(model, probe, _step_rng(train.seed, step), all_codes=True)
+        elif train.dead_code_every and step % train.dead_code_every == 0:
+            reseed_dead_codes(model, probe, _step_rng(train.seed, step))
+
+    loss_fn = functools.partial(_tokenizer_train_loss, beta=train.beta, l1_weight=train.l1_weight,
+                                l2_weight=train.l2_weight)
+    result = fit(vae, loss_fn, get_batch, train, out_dir, desc=config.name, between_steps=between_steps,
+                 stop_after=stop_after, progress=progress)
+    summary = {"name": config.name, "family": "vqvae", "params": num_params(vae), "command": _command(config),
+               "train": result, "finished": result["steps"] >= train.steps}
+    if not summary["finished"]:
+        return summary
+    summary["val"] = evaluate_tokenizer(vae, load_digits("val"))
+    checkpoint.save_model(vae, out_dir, {"family": "vqvae", "ctor": ctor, "summary": summary,
+                                         "config": _plain(config)})
+    return summary
+
+
+def _tokenizer_train_loss(model: VQVAE, images: jax.Array, key: jax.Array, **weights) -> tuple[jax.Array, dict]:
+    del key  # deterministic
+    return tokenizer_loss(model, images, **weights)
+
+
+def _resolve_tokenizer_dir(tokenizer_dir: str) -> pathlib.Path:
+    return pathlib.Path(tokenizer_dir) if tokenizer_dir else CHECKPOINT_ROOT / TOKENIZER_NAME
+
+
+def train_var(config: ml_collections.ConfigDict, out_dir: PathLike, *, stop_after: Optional[int] = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Trains one VAR transformer on the tokens of the (trained) tokenizer and saves it to `out_dir`."""
+    train = config.train
+    tokenizer_dir = _resolve_tokenizer_dir(config.tokenizer_dir)
+    vae = load_tokenizer(tokenizer_dir)
+    tokenizer_ctor = checkpoint.load_metadata(tokenizer_dir)["ctor"]
+    ctor = _plain(config.model)
+    model = build_var(ctor, tokenizer_ctor, train.seed)
+    data = load_digits("train")
+    tokens, inputs = tokenize(vae, data.images)
+
+    def get_batch(step: int) -> Batch:
+        rows = _step_rng(train.seed, step).choice(len(data), train.batch_size, replace=False)
+        return data.labels[rows], inputs[rows], tokens[rows]
+
+    result = fit(model, var_loss, get_batch, train, out_dir, desc=config.name, stop_after=stop_after,
+                 progress=progress)
+    summary = {"name": config.name, "family": FAMILY, "params": num_params(model), "command": _command(config),
+               "train": result, "finished": result["steps"] >= train.steps}
+    if not summary["finished"]:
+        return summary
+    summary["val"] = {"loss": teacher_forced_loss(model, vae, load_digits("val")),
+                      "log_vocab": math.log(model.vocab_size)}
+    checkpoint.save_model(model, out_dir, {
+        "family": FAMILY, "ctor": ctor, "tokenizer_ctor": tokenizer_ctor, "sample": _plain(config.sample),
+        "summary": summary, "config": _plain(config)})
+    return summary
+
+
+def train_from_config(config: ml_collections.ConfigDict, out_dir: Optional[PathLike] = None, *,
+                      stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+    """``bitlaws train`` for the demo tokenizer (``family = "vqvae"``) and VAR (``family = "var"``).
+
+    Resumes from ``out_dir/train_state`` when present; a finished run only re-evaluates and re-saves.
+    The final model (`bitlaws.checkpoint.save_model`) and the validation metrics are written once the run
+    reaches ``config.train.steps``.
+
+    Args:
+        config: A config of ``configs/demo/vqvae.py`` or ``configs/demo/var.py``.
+        out_dir: Output directory (default ``config.out_dir``, relative to the working directory).
+        stop_after: End this session after this many steps (resumable), or None.
+        progress: Show a progress bar.
+
+    Returns:
+        The training summary (``finished``, ``train``: steps / wall time / mean metrics of the last 50
+        steps, ``val`` when finished; also stored in ``out_dir/bitlaws.json``).
+    """
+    out_dir = pathlib.Path(out_dir if out_dir is not None else config.out_dir)
+    trainers = {"vqvae": train_tokenizer, FAMILY: train_var}
+    if config.family not in trainers:
+        raise ValueError(f"train_from_config handles families {sorted(trainers)}, got {config.family!r}")
+    return trainers[config.family](config, out_dir, stop_after=stop_after, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo family.
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer_cached(directory: str) -> VQVAE:
+    ctor = checkpoint.load_metadata(directory)["ctor"]
+    return checkpoint.load_model(lambda: build_tokenizer(ctor), directory)
+
+
+def load_tokenizer(directory: Optional[PathLike] = None) -> VQVAE:
+    """The trained tokenizer (default: the shipped one), cached per directory; treat it as read-only."""
+    directory = pathlib.Path(directory) if directory is not None else CHECKPOINT_ROOT / TOKENIZER_NAME
+    return _load_tokenizer_cached(str(directory.resolve()))
+
+
+@dataclasses.dataclass
+class VarMember:
+    """A trained demo VAR (implements `bitlaws.demo.family.DemoMember`).
+
+    Attributes:
+        name: ``var-d<depth>``.
+        family: ``"var"``.
+        model: The transformer (quantize this one).
+        quant_pattern: `QUANT_PATTERN`.
+        tokenizer: The float tokenizer used for sampling.
+        cfg, top_k, top_p: Sampling settings.
+        metadata: The checkpoint's ``bitlaws.json``.
+    """
+
+    name: str
+    family: str
+    model: VAR
+    quant_pattern: str
+    tokenizer: VQVAE
+    cfg: float
+    top_k: int
+    top_p: float
+    metadata: dict
+
+    def sample(self, model: nnx.Module, labels: np.ndarray, key: jax.Array) -> np.ndarray:
+        """Class-conditional samples ``[B, 16, 16, 3]`` float32 in [-1, 1] drawn with `model`."""
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        images = autoregressive_infer_cfg(model, self.tokenizer, B=labels.shape[0], label_B=labels, key=key,
+                                          cfg=self.cfg, top_k=self.top_k, top_p=self.top_p)  # [B, H, W, 3] in [0, 1]
+        return np.asarray(images, np.float32) * 2.0 - 1.0
+
+
+def member_names(root: PathLike = CHECKPOINT_ROOT) -> list[str]:
+    """Shipped members, by depth: ``["var-d2", "var-d3", ...]``."""
+    found = []
+    for path in pathlib.Path(root).glob("var-d*"):
+        match = re.fullmatch(r"var-d(\d+)", path.name)
+        if match and (path / checkpoint.STATE_DIR).exists():
+            found.append((int(match.group(1)), path.name))
+    return [name for _, name in sorted(found)]
+
+
+def load_member(name: str, root: PathLike = CHECKPOINT_ROOT) -> VarMember:
+    """Loads a member (``var-d4``) from `root` with the shipped tokenizer."""
+    directory = pathlib.Path(root) / name
+    if not (directory / checkpoint.STATE_DIR).exists():
+        raise ValueError(f"no VAR demo member {name!r} in {root}; available: {member_names(root)}")
+    metadata = checkpoint.load_metadata(directory)
+    tokenizer_dir = pathlib.Path(root) / TOKENIZER_NAME
+    tokenizer_ctor = checkpoint.load_metadata(tokenizer_dir)["ctor"]
+    if json.dumps(tokenizer_ctor, sort_keys=True) != json.dumps(metadata["tokenizer_ctor"], sort_keys=True):
+        raise ValueError(f"{name} was trained with another tokenizer than the one in {tokenizer_dir}")
+    model = checkpoint.load_model(lambda: build_var(metadata["ctor"], tokenizer_ctor), directory)
+    sample = metadata["sample"]
+    return VarMember(name=name, family=FAMILY, model=model, quant_pattern=QUANT_PATTERN,
+                     tokenizer=load_tokenizer(tokenizer_dir), cfg=float(sample["cfg"]), top_k=int(sample["top_k"]),
+                     top_p=float(sample["top_p"]), metadata=metadata)
+
+
+register_family(FAMILY, member_names, load_member)
