@@ -1,0 +1,48 @@
+"""The demo study: every shipped demo VAR and DiT member x precision setting x format, RTN.
+
+Usage::
+
+    bitlaws sweep --config configs/sweeps/demo.py --out runs/demo          # the full grid (make demo)
+    bitlaws sweep --config configs/sweeps/demo.py:quick --out runs/quick   # two sizes per family, 3 settings
+
+Each cell draws ``demo.n_per_class`` samples per digit and scores them with the DFD (the Fréchet distance in
+the digits classifier's features: the demo's FID analogue) against the statistics of all 1797 digits.
+"""
+
+import ml_collections
+
+from bitlaws.configlib import parse_arg
+from bitlaws.demo import dit_family, var_family
+
+
+def _spread(names, count):
+    """`count` members spread over the sorted list (smallest and largest included)."""
+    if len(names) <= count:
+        return tuple(names)
+    step = (len(names) - 1) / (count - 1)
+    return tuple(names[round(i * step)] for i in range(count))
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    quick = bool(args.get("quick"))
+    var_members, dit_members = var_family.member_names(), dit_family.member_names()
+    config = ml_collections.ConfigDict()
+    config.evaluator = "demo"
+    config.evaluator_module = "bitlaws.demo.evaluate"
+    if quick:
+        config.models = _spread(var_members, 2) + _spread(dit_members, 2)
+        config.settings = ("W16A16", "W4A16", "W8A8")
+        config.formats = ("int",)
+    else:
+        config.models = tuple(var_members) + tuple(dit_members)
+        config.settings = ("W16A16", "W8A16", "W4A16", "W3A16", "W8A8", "W4A8")
+        config.formats = ("int", "fp")
+    config.methods = ("rtn",)
+    config.seeds = (0,)
+    config.method_params = ml_collections.ConfigDict()
+    config.quant = ml_collections.ConfigDict({"weight_group_size": 0, "weight_calibrator": "minmax"})
+    config.demo = ml_collections.ConfigDict({"n_per_class": int(args.get("n_per_class", 50)),
+                                             "reference_split": "all"})
+    config.stop_on_error = True
+    return config
