@@ -92,19 +92,29 @@ def _missing_samples_key(path: PathLike, keys: list[str]) -> ValueError:
                       f"keys present: {sorted(keys)}")
 
 
-def _npz_sample_count(path: PathLike) -> Optional[int]:
-    """Number of images in an npz's ``arr_0``, read from its header (None for an unstreamable header).
+@contextlib.contextmanager
+def _samples_member(path: PathLike):
+    """Opens ``arr_0.npy`` of an npz: yields ``(stream positioned after the header, header or None)``.
 
     Raises:
-        ValueError: The npz has no ``arr_0`` (raised here, before any network is compiled).
+        ValueError: The npz has no ``arr_0`` (the message lists the keys present).
     """
     with zipfile.ZipFile(path) as archive:
         keys = _npz_member_keys(archive)
         if _SAMPLES_KEY not in keys:
             raise _missing_samples_key(path, keys)
         with archive.open(_SAMPLES_KEY + ".npy") as stream:
-            header = _read_npy_header(stream)
-    return None if header is None or not header[0] else int(header[0][0])
+            yield stream, _read_npy_header(stream)
+
+
+def _npz_sample_count(path: PathLike) -> Optional[int]:
+    """Number of images in an npz's ``arr_0``, read from its header (None for an unstreamable header).
+
+    Raises:
+        ValueError: The npz has no ``arr_0`` (raised here, before any network is compiled).
+    """
+    with _samples_member(path) as (_, header):
+        return None if header is None or not header[0] else int(header[0][0])
 
 
 def iter_samples_npz(path: PathLike, batch_size: int) -> Iterator[np.ndarray]:
@@ -127,23 +137,18 @@ def iter_samples_npz(path: PathLike, batch_size: int) -> Iterator[np.ndarray]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     source = f"{os.fspath(path)}['{_SAMPLES_KEY}']"
-    with zipfile.ZipFile(path) as archive:
-        keys = _npz_member_keys(archive)
-        if _SAMPLES_KEY not in keys:
-            raise _missing_samples_key(path, keys)
-        with archive.open(_SAMPLES_KEY + ".npy") as stream:
-            header = _read_npy_header(stream)
-            if header is not None and not header[1]:
-                shape, _, dtype = header
-                check_nhwc_uint8(np.empty((0,) + tuple(shape[1:]), dtype), source)
-                row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-                for start in range(0, shape[0], batch_size):
-                    rows = min(batch_size, shape[0] - start)
-                    data = stream.read(rows * row_bytes)
-                    if len(data) != rows * row_bytes:
-                        raise ValueError(f"{source}: file truncated after {start} of {shape[0]} images")
-                    yield np.frombuffer(data, np.uint8).reshape((rows,) + tuple(shape[1:]))
-                return
+    with _samples_member(path) as (stream, header):
+        if header is not None and not header[1]:
+            shape, _, dtype = header
+            check_nhwc_uint8(np.empty((0,) + tuple(shape[1:]), dtype), source)
+            row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+            for start in range(0, shape[0], batch_size):
+                rows = min(batch_size, shape[0] - start)
+                data = stream.read(rows * row_bytes)
+                if len(data) != rows * row_bytes:
+                    raise ValueError(f"{source}: file truncated after {start} of {shape[0]} images")
+                yield np.frombuffer(data, np.uint8).reshape((rows,) + tuple(shape[1:]))
+            return
     images = load_samples_npz(path)
     for start in range(0, images.shape[0], batch_size):
         yield images[start:start + batch_size]
