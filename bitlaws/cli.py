@@ -76,7 +76,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if family not in TRAINERS:
         raise ValueError(f"config {args.config!r} has family={family!r}; trainable families: {sorted(TRAINERS)}")
     module = importlib.import_module(TRAINERS[family])
-    summary = module.train_from_config(config, args.out)
+    out = args.out or config.get("out_dir") or f"runs/train/{config.get('name', family)}"
+    summary = module.train_from_config(config, out)
     print(f"trained {family}: {summary}")
     return 0
 
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a demo model (classifier, vqvae, var, dit) from a config",
                            description="Train (or resume) a demo model; the config's `family` picks the trainer.")
     train.add_argument("--config", required=True, help="e.g. configs/demo/var.py:depth=4")
-    train.add_argument("--out", help="checkpoint folder (default: the config's)")
+    train.add_argument("--out", help="checkpoint folder (default: the config's out_dir, else runs/train/NAME)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.set_defaults(func=_cmd_train)
 

@@ -63,3 +63,10 @@ def test_eval_fid_without_inception_weights_says_what_to_download(tmp_path, caps
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "pt_inception-2015-12-05-6726825d.pth" in err and "BITLAWS_FID_INCEPTION" in err
+
+
+def test_train_dispatches_on_family_and_resumes(tmp_path, capsys):
+    args = ["train", "--config", f"{REPO}/configs/demo/dit.py:depth=2,quick", "--out", str(tmp_path / "dit")]
+    assert cli.main(args) == 0
+    assert "trained dit" in capsys.readouterr().out
+    assert (tmp_path / "dit" / "model" / "bitlaws.json").exists()

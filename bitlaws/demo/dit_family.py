@@ -61,9 +61,8 @@ QUANT_PATTERN = (r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2)|adaLN_modulatio
                  r"|final_layer\.(linear|adaLN_modulation)")
 """Module paths quantized in the sweep: every linear of the DiT blocks (qkv, proj, fc1, fc2, adaLN_modulation)
 and the final layer (adaLN_modulation, linear). Left in float: the patch-embed conv ``x_embedder.proj`` (the
-input layer sees raw pixels through only 2*2*3 = 12 input features, i.e. 0.1 - 0.3 % of the parameters, and
-quantizing the first layer is conventionally avoided, as the paper's DiT setup and Q-DiT/PTQ4DiT keep
-embeddings in float) and the timestep/label embedders (tables and the small conditioning MLP, also embeddings)."""
+input layer that sees raw pixels, 0.5 - 2 % of the parameters here; keeping the first layer in float is
+the usual PTQ practice for DiTs) and the timestep/label embedders (tables and the small conditioning MLP, also embeddings)."""
 
 
 # ----------------------------------------------------------------------------- model construction

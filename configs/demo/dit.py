@@ -71,6 +71,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     config.sampling = ml_collections.ConfigDict(dict(
         respacing="ddim25",
-        cfg_scale=2.0,
+        cfg_scale=1.5,
     ))
     return config
