@@ -44,7 +44,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from bitlaws.checkpoint import load_metadata, load_model, save_model
-from bitlaws.demo.data import IMAGE_SIZE, load_digits
+from bitlaws.demo.data import load_digits
 from bitlaws.demo.family import register_family
 from bitlaws.models.dit import DiT
 from bitlaws.sample.diffusion import GaussianDiffusion, MeanType, create_diffusion

@@ -12,7 +12,6 @@ score is therefore the measured value, and between sizes it follows the law's sh
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence, Union
 
 import numpy as np

@@ -1,6 +1,5 @@
 """The seam, QLinear/QConv and quantize_model on a small transformer block."""
 
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitlaws.models.dit import DiT, pos_embed_2d
+from bitlaws.models.dit import DiT
 from bitlaws.port.reader import read_state_dict
 from bitlaws.port.recipe import regenerate
 from bitlaws.port.safetensors_io import read_safetensors
