@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all setup clean
+.PHONY: demo demo-quick test test-slow test-all setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -15,8 +15,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The study on the shipped demo family: sweep (resumable; rerun to continue), fits, plots and report.
+DEMO_OUT ?= runs/demo
+DEMO_WORKERS ?= 2
 demo: $(STAMP)
-	$(VENV)/bin/bitlaws formats
+	$(VENV)/bin/bitlaws sweep --config configs/sweeps/demo.py --out $(DEMO_OUT) --workers $(DEMO_WORKERS)
+	$(VENV)/bin/bitlaws report --results $(DEMO_OUT)
+	@echo "demo: results, plots and report are in $(DEMO_OUT)/ (open $(DEMO_OUT)/report.md)"
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/bitlaws sweep --config configs/sweeps/demo.py:quick --out runs/demo-quick --workers $(DEMO_WORKERS)
+	$(VENV)/bin/bitlaws report --results runs/demo-quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2

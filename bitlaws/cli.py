@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pickle
+import shlex
 import sys
 import time
 from typing import Optional, Sequence
@@ -45,7 +46,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
 
     summary = runner.run_sweep_from_config(args.config, args.out, args.overrides, progress=not args.no_progress,
-                                           force=args.force)
+                                           force=args.force, workers=args.workers)
     print(f"sweep: {summary.finished}/{summary.total} cells finished ({len(summary.evaluated)} now, "
           f"{len(summary.failed)} failed) in {summary.wall_s:.1f} s -> {summary.results_path}")
     return summary.exit_code
@@ -77,6 +78,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"config {args.config!r} has family={family!r}; trainable families: {sorted(TRAINERS)}")
     module = importlib.import_module(TRAINERS[family])
     out = args.out or config.get("out_dir") or f"runs/train/{config.get('name', family)}"
+    with config.unlocked():
+        config.command = " ".join(["bitlaws train --config", shlex.quote(args.config),
+                                   *[f"--set {shlex.quote(o)}" for o in args.overrides], "--out", shlex.quote(out)])
     summary = module.train_from_config(config, out)
     print(f"trained {family}: {summary}")
     return 0
@@ -100,6 +104,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="resume into a folder whose config.json differs in grid-defining fields")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="evaluate cells in N processes, one model per process at a time (default 1: in this "
+                             "process); on CPU hosts compilation dominates and N = cores is fastest")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -476,7 +476,7 @@ def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pat
         if recent else {},
         "val_losses_ema": val_losses,
         "val_timesteps": list(VAL_TIMESTEPS),
-        "command": command,
+        "command": command or str(config.get("command", "")),
     }
     metadata = {"family": FAMILY, "name": config.name, "model": model_kwargs,
                 "sampling": config.sampling.to_dict(), "training": {**summary, "config": config.train.to_dict()}}

@@ -227,6 +227,12 @@ def metric_name(cells: Sequence[Cell]) -> str:
     return " / ".join(names) if names else DEFAULT_METRIC_NAME
 
 
+def metric_label(cells: Sequence[Cell]) -> str:
+    """A short label for axes and table headers: each `metric_name` up to its first `` (`` (``DFD (...)`` -> ``DFD``)."""
+    names = sorted({str(c.raw["metric_name"]).split(" (", 1)[0] for c in cells if c.raw.get("metric_name")})
+    return " / ".join(names) if names else DEFAULT_METRIC_NAME
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Univariate power law  y = a · x^(−α) + c
 # ----------------------------------------------------------------------------------------------------------------

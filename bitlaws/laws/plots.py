@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from bitlaws.laws.fit import (Cell, LawFits, RowsLike, ensure_cells, families_of, family_title, fit_all,
-                              metric_name, series_of)
+                              metric_label, series_of)
 
 AXES = {"mt_bits": ("total model bits MT", "mt"), "ct_bits": ("total compute bits CT", "ct")}
 _MARKERS = {16: "o", 8: "s", 6: "P", 5: "X", 4: "^", 3: "v", 2: "D"}
@@ -66,7 +66,7 @@ def plot_axis(cells: Sequence[Cell], out_dir: pathlib.Path, x: str, fits: Option
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
     families = families_of(cells)
-    metric = metric_name(cells)
+    metric = metric_label(cells)
     figure = Figure(figsize=(6.0 * max(len(families), 1), 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, max(len(families), 1), squeeze=False)[0]

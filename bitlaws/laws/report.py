@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from bitlaws.laws import pareto
 from bitlaws.laws.fit import (BASELINE_SETTING, BivariateFit, Cell, LawFits, PowerLawFit, RowsLike, as_rows,
-                              cells_from_rows, families_of, family_title, fit_all, metric_name, series_of)
+                              cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
+                              series_of)
 
 REPORT_FILE = "report.md"
 _SAMPLE_KEYS = ("n_samples", "num_samples", "samples")
@@ -72,7 +73,7 @@ def _provenance(cells: Sequence[Cell], n_rows: int, fits: LawFits, source: Optio
                      f"(slight over-estimate).")
     boot = (f"{fits.n_boot} bootstrap resamples (seed {fits.seed}), percentile {fits.level:.0%} intervals"
             if fits.n_boot else "no bootstrap")
-    lines.append(f"* Fits: least squares on log residuals of {metric} = a·x^(−α) + c (c ≥ 0) per family × "
+    lines.append(f"* Fits: least squares on log residuals of {metric_label(cells)} = a·x^(−α) + c (c ≥ 0) per family × "
                  f"precision, x = MT or CT; {boot}. Curves with fewer than 3 sizes get no interval.")
     return lines + [""]
 
@@ -82,7 +83,7 @@ def _cells_table(cells: Sequence[Cell]) -> list[str]:
     for key, label in _EXTRA_COLUMNS:
         if any(c.raw.get(key) is not None for c in cells) and label not in [e[1] for e in extras]:
             extras.append((key, label))
-    header = ["family", "model", "N", "setting", "format", "method", metric_name(cells), "MT (MB)", "CT (Gbit)"]
+    header = ["family", "model", "N", "setting", "format", "method", metric_label(cells), "MT (MB)", "CT (Gbit)"]
     header += [label for _, label in extras]
     ordered = sorted(cells, key=lambda c: (families_of(cells).index(c.family), c.params, not c.is_baseline,
                                            -c.w_bits, -c.a_bits, c.series))
@@ -241,7 +242,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
     fits = fits if fits is not None else fit_all(cells, n_boot=n_boot, seed=seed)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metric = metric_name(cells)
+    metric = metric_label(cells)
     families = ", ".join(family_title(f) for f in families_of(cells))
     lines = ["# Bit-level scaling laws: report", "",
              f"Families: {families}. Precisions: "

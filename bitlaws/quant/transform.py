@@ -16,6 +16,7 @@ paths, first match wins; rules that match no layer are reported with an `UnusedR
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -231,10 +232,18 @@ def bake_fake_weights(model: nnx.Module) -> nnx.Module:
     Training through a baked model updates the baked values: use the ``fake`` model for QAT.
     """
     new_model = nnx.clone(model)
-    for _, layer in quant_layers(new_model):
+    layers = [layer for _, layer in quant_layers(new_model)
+              if layer.quant.mode == "fake" and layer.quant.weight is not None]
+    specs = tuple(layer.quant.weight for layer in layers)
+    baked = _fake_quant_all([layer.kernel[...] for layer in layers], specs=specs)
+    for layer, kernel in zip(layers, baked):
+        layer.kernel.set_value(kernel)
         quant = layer.quant
-        if quant.mode != "fake" or quant.weight is None:
-            continue
-        layer.kernel.set_value(qarray.fake_quant(layer.kernel[...], quant.weight))
         layer.quant = seam.FP if quant.act is None else dataclasses.replace(quant, weight=None)
     return new_model
+
+
+@functools.partial(jax.jit, static_argnames=("specs",))
+def _fake_quant_all(kernels: list[jax.Array], *, specs: tuple[QuantSpec, ...]) -> list[jax.Array]:
+    """`qarray.fake_quant` of every kernel in one compiled call (one compilation per model, not per shape)."""
+    return [qarray.fake_quant(kernel, spec) for kernel, spec in zip(kernels, specs)]

@@ -238,7 +238,8 @@ def _log_to(log: Callable[[str], Any], progress: bool) -> Callable[[str], Any]:
     return log
 
 
-def _evaluate_cell(evaluate: EvaluateFn, cell: Cell, version_info: Mapping[str, str]) -> dict[str, Any]:
+def evaluate_cell(evaluate: EvaluateFn, cell: Cell, version_info: Mapping[str, str]) -> dict[str, Any]:
+    """Runs `evaluate` on `cell` and returns its validated record (raises what the evaluator raises)."""
     start = time.perf_counter()
     metrics = evaluate(cell)
     wall_s = time.perf_counter() - start
@@ -254,7 +255,7 @@ def _evaluate_cell(evaluate: EvaluateFn, cell: Cell, version_info: Mapping[str, 
 
 
 def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike], *, progress: bool = True,
-              log: Callable[[str], Any] = print, force: bool = False) -> SweepSummary:
+              log: Callable[[str], Any] = print, force: bool = False, workers: int = 1) -> SweepSummary:
     """Evaluates every unfinished cell of `config`'s grid, appending a record to ``out_dir/results.jsonl`` each.
 
     Args:
@@ -264,6 +265,8 @@ def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike
         progress: Show a tqdm bar (total = all cells, starting at the finished ones) with ETA.
         log: Receives one string per event (left-out combinations, repairs, errors, interruption).
         force: Resume even if ``config.json`` in `out_dir` differs in grid-defining fields (it is replaced).
+        workers: Evaluate cells in this many spawned processes (`bitlaws.sweep.parallel`; one model per
+            worker at a time); 1 evaluates them in this process. Records are the same either way.
 
     Returns:
         A `SweepSummary`; ``summary.exit_code`` is what a command line should return.
@@ -290,7 +293,9 @@ def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike
             emit(f"sweep: left out {combination}: {reason}")
         for message in results.repairs:
             emit(f"sweep: repaired {message}")
-        if todo:
+        if todo and workers > 1:
+            _run_cells_in_workers(config, todo, int(workers), results, summary, progress, emit)
+        elif todo:
             _run_cells(config, factory, todo, results, summary, progress, emit)
     summary.wall_s = time.perf_counter() - start
     return summary
@@ -307,7 +312,7 @@ def _run_cells(config: ml_collections.ConfigDict, factory: EvaluatorFactory, tod
         for cell in todo:
             bar.set_postfix_str(cell.key, refresh=False)
             try:
-                record = _evaluate_cell(evaluate, cell, version_info)
+                record = evaluate_cell(evaluate, cell, version_info)
             except Exception as e:  # pylint: disable=broad-except
                 message = f"{type(e).__name__}: {e}"
                 summary.failed.append((cell.key, message))
@@ -327,9 +332,40 @@ def _run_cells(config: ml_collections.ConfigDict, factory: EvaluatorFactory, tod
         bar.close()
 
 
+def _run_cells_in_workers(config: ml_collections.ConfigDict, todo: list[Cell], workers: int, results: ResultsFile,
+                          summary: SweepSummary, progress: bool, emit: Callable[[str], Any]) -> None:
+    """`_run_cells` with the evaluation in worker processes; this process appends every record."""
+    from bitlaws.sweep import parallel  # pylint: disable=g-import-not-at-top
+
+    stop_on_error = bool(config.get("stop_on_error", True))
+    bar = tqdm(total=summary.total, initial=summary.already_done, unit="cell", desc=f"sweep ({workers} workers)",
+               disable=not progress, dynamic_ncols=True)
+    messages = parallel.run_in_workers(config, todo, workers)
+    try:
+        for message in messages:
+            if isinstance(message, parallel.Failed):
+                summary.failed.append((message.key, message.message))
+                emit(f"sweep: cell {message.key} failed: {message.message}\n{message.details.rstrip()}")
+                if stop_on_error:
+                    emit("sweep: stopping (stop_on_error=True); rerun to retry the failed cell")
+                    return
+                continue
+            results.append(message.record)
+            summary.evaluated.append(message.key)
+            bar.set_postfix_str(message.key, refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        emit(f"sweep: interrupted; {summary.finished}/{summary.total} cells are in {results.path}; "
+             f"rerun the same command to resume")
+    finally:
+        messages.close()  # terminates the workers if we stopped early
+        bar.close()
+
+
 def run_sweep_from_config(config_spec: str, out_dir: Union[str, os.PathLike], overrides: Sequence[str] = (), *,
                           progress: bool = True, log: Callable[[str], Any] = print,
-                          force: bool = False) -> SweepSummary:
+                          force: bool = False, workers: int = 1) -> SweepSummary:
     """Loads ``file.py[:arg]`` with ``--set`` style `overrides` and runs `run_sweep` on it."""
     config = configlib.load_config(config_spec, overrides)
-    return run_sweep(config, out_dir, progress=progress, log=log, force=force)
+    return run_sweep(config, out_dir, progress=progress, log=log, force=force, workers=workers)

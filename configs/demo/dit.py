@@ -16,7 +16,7 @@ import ml_collections
 from bitlaws.configlib import parse_arg
 
 SHIPPED_DEPTHS = (2, 3, 4, 5)
-TRAIN_STEPS = {2: 2500, 3: 1500, 4: 1200, 5: 1000}  # what the shipped checkpoints were trained with
+TRAIN_STEPS = {2: 5000, 3: 5000, 4: 5000, 5: 8000}  # what the shipped checkpoints were trained with
 HIDDEN_PER_DEPTH = 16
 
 

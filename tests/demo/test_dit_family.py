@@ -137,3 +137,14 @@ def test_two_step_training_resumes_from_its_checkpoint(tmp_path):
 def test_config_rejects_unknown_arguments():
     with pytest.raises(ValueError, match="unknown"):
         load_config(f"{CONFIG}:depht=4")
+
+
+def test_cli_train_records_its_command(tmp_path):
+    from bitlaws import cli  # pylint: disable=g-import-not-at-top
+
+    out = tmp_path / "cli-run"
+    assert cli.main(["train", "--config", f"{CONFIG}:depth=1,quick", "--set", "train.steps=1", "--out", str(out)]) == 0
+    metadata = dit_family.load_from_dir(out / "model").metadata
+    command = metadata["training"]["command"]
+    assert command.startswith("bitlaws train --config ") and "depth=1,quick" in command
+    assert "--set train.steps=1" in command and command.endswith(f"--out {out}")

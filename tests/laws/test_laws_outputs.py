@@ -70,7 +70,9 @@ def test_report_has_table_fits_and_computed_verdicts(results_dir, law_fits, tmp_
     assert path.name == "report.md"
     assert "## All cells" in text and "| var-d8 |" in text and "| dit-d2 |" in text
     assert text.count("| var-") == len(SIZES) * len(SETTINGS)  # one table row per VAR cell
-    assert METRIC in text and "Samples per cell: 128" in text
+    assert "Samples per cell: 128" in text
+    assert text.count(METRIC) == 1  # the full metric name once (provenance), its short label elsewhere
+    assert "## Fitted power laws: classifier-feature Fréchet distance = a·x^(−α) + c" in text
     assert "Fitted power laws" in text and "Bivariate law" in text and "Which precision wins" in text
     assert "Result on MT: **holds**" in text
     var_line = next(line for line in text.splitlines() if line.startswith("* **VAR**"))
@@ -127,3 +129,11 @@ def test_advisor_ct_metric_and_errors(results_dir):
         advise(results_dir, budget_mb=1.0, family="sd")
     with pytest.raises(ValueError, match="metric"):
         advise(results_dir, budget_mb=1.0, metric="flops")
+
+
+def test_metric_label_is_the_name_before_its_parenthesis():
+    cells = fit.cells_from_rows([dict(key="a", model="m-d1", setting="W16A16", format="none", method="none", fid=1.0,
+                                      mt_bits=16, ct_bits=256, n_params=1, metric_name="DFD (digits; not FID)")])
+    assert fit.metric_label(cells) == "DFD" and fit.metric_name(cells) == "DFD (digits; not FID)"
+    assert fit.metric_label([]) == fit.metric_name([]) == "FID"
+

@@ -1,0 +1,152 @@
+"""Runs a sweep's cells in several worker processes; the parent stays the only writer of ``results.jsonl``.
+
+Why processes: on a CPU host most of a small model's cell is XLA compilation, which is single threaded,
+so two workers on two cores finish a compile-bound sweep nearly twice as fast. Each worker is a fresh
+``spawn`` process (JAX is not fork-safe) that builds the evaluator from the config once and then takes
+*model groups* (every unfinished cell of one model, in grid order) from a shared queue, largest group
+first: a model is loaded and its sampler compiled in one worker only, and a worker that finishes early
+takes the next model.
+
+Workers send each finished record (or the error of a failed cell) back to the parent, which appends it with
+`ResultsFile.append` exactly as the serial runner does, so kill safety and resume are unchanged: a SIGKILL
+of the parent loses at most the cells in flight, and workers notice their parent is gone (their parent pid
+changes) and exit after the cell they are on.
+
+The evaluator must be registered by an importable module (``config.evaluator_module``, or a module the
+config itself imports): a worker cannot see evaluators registered only inside the parent process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import queue as queue_lib
+import traceback
+from typing import Iterator, Sequence
+
+import ml_collections
+
+from bitlaws.sweep.grid import Cell
+
+_POLL_S = 1.0  # how often the parent checks that its workers are alive while waiting for a message
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A worker finished `key`; `record` is what goes into ``results.jsonl``."""
+
+    key: str
+    record: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A worker's cell `key` raised; `message` is ``Type: text``, `details` the traceback."""
+
+    key: str
+    message: str
+    details: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerDone:
+    """Worker `index` has no more work (or stopped after a failure with ``stop_on_error``)."""
+
+    index: int
+
+
+def model_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """The cells grouped by model (grid order inside a group), largest group first, ties in grid order."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.model, []).append(cell)
+    return sorted(groups.values(), key=lambda group: -len(group))
+
+
+def _worker(index: int, config_dict: dict, tasks, messages, parent_pid: int) -> None:
+    """Worker process body: evaluate model groups from `tasks` until it is empty, report on `messages`."""
+    # Imports happen here, in the spawned process, so the parent never has to be fork-safe.
+    from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
+
+    config = ml_collections.ConfigDict(config_dict)
+    stop_on_error = bool(config.get("stop_on_error", True))
+    try:
+        evaluate = runner.get_evaluator(config)(config)
+        version_info = runner.versions()
+    except Exception as e:  # pylint: disable=broad-except
+        messages.put(Failed("<evaluator setup>", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        messages.put(WorkerDone(index))
+        return
+    try:
+        while True:
+            try:
+                group = tasks.get_nowait()
+            except queue_lib.Empty:
+                break
+            for cell in group:
+                if os.getppid() != parent_pid:  # the parent died (e.g. SIGKILL): nobody records our work
+                    return
+                try:
+                    record = runner.evaluate_cell(evaluate, cell, version_info)
+                except Exception as e:  # pylint: disable=broad-except
+                    messages.put(Failed(cell.key, f"{type(e).__name__}: {e}", traceback.format_exc()))
+                    if stop_on_error:
+                        return
+                    continue
+                messages.put(Finished(cell.key, record))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent handles it
+        return
+    finally:
+        messages.put(WorkerDone(index))
+
+
+def run_in_workers(config: ml_collections.ConfigDict, cells: Sequence[Cell], workers: int,
+                   ) -> Iterator[Finished | Failed]:
+    """Evaluates `cells` in `workers` spawned processes and yields their messages as they arrive.
+
+    The caller records `Finished` messages and decides what to do with `Failed` ones; closing the
+    generator early (e.g. stopping on an error, or Ctrl-C) terminates the workers.
+
+    Args:
+        config: The sweep config (sent to each worker as a plain dict).
+        cells: The unfinished cells.
+        workers: Number of processes (at most the number of model groups are started).
+
+    Raises:
+        RuntimeError: a worker died without reporting (killed, out of memory).
+    """
+    groups = model_groups(cells)
+    workers = max(1, min(int(workers), len(groups)))
+    context = multiprocessing.get_context("spawn")
+    tasks, messages = context.Queue(), context.Queue()
+    for group in groups:
+        tasks.put(group)
+    processes = [context.Process(target=_worker, args=(i, config.to_dict(), tasks, messages, os.getpid()),
+                                 name=f"bitlaws-sweep-worker-{i}", daemon=True) for i in range(workers)]
+    for process in processes:
+        process.start()
+    running = set(range(workers))
+    try:
+        while running:
+            try:
+                message = messages.get(timeout=_POLL_S)
+            except queue_lib.Empty:
+                dead = [i for i in running if not processes[i].is_alive()]
+                if dead and messages.empty():
+                    codes = {i: processes[i].exitcode for i in dead}
+                    raise RuntimeError(f"sweep worker(s) {sorted(dead)} died without reporting "
+                                       f"(exit codes {codes}); finished cells are kept, rerun to resume")
+                continue
+            if isinstance(message, WorkerDone):
+                running.discard(message.index)
+                continue
+            yield message
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+        tasks.cancel_join_thread()
+        messages.cancel_join_thread()
