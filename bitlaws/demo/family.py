@@ -45,6 +45,13 @@ def families() -> list[str]:
     return sorted(_FAMILIES)
 
 
+def member_names(family: str) -> list[str]:
+    """The shipped members of `family` (``"var"`` / ``"dit"``), smallest first."""
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown demo family {family!r}; registered: {families()}")
+    return list(_FAMILIES[family].names())
+
+
 def load_member(name: str) -> DemoMember:
     """Loads ``<family>-<member>`` (e.g. ``var-d4``) from the shipped checkpoints."""
     family = name.split("-", 1)[0]

@@ -166,6 +166,11 @@ def _describe(candidate: Candidate, metric_label: str) -> str:
             f"— {candidate.size_mb:.4g} MB; {where}")
 
 
+def _power(exponent: float) -> str:
+    """The exponent of ``x^(−e)`` written with one sign: ``(−0.737)`` for e = 0.737, ``(0.208)`` for e = −0.208."""
+    return f"(−{exponent:.3f})" if exponent >= 0 else f"({-exponent:.3f})"
+
+
 def render_advice(advice: Advice) -> str:
     """Human-readable answer, several lines."""
     axis = advice.metric.upper()
@@ -174,8 +179,8 @@ def render_advice(advice: Advice) -> str:
              f"Best: {_describe(advice.best, 'metric')}."]
     law = advice.laws.get(advice.best.family)
     if law is not None and law.ok:
-        lines.append(f"Law used ({family_title(advice.best.family)}): metric = {law.A:.3g}·N^(−{law.alpha:.3f})"
-                     f"·b^(−{law.beta:.3f})·b_a^(−{law.gamma:.3f}) + {law.E:.3g}, anchored to the observed cells.")
+        lines.append(f"Law used ({family_title(advice.best.family)}): metric = {law.A:.3g}·N^{_power(law.alpha)}"
+                     f"·b^{_power(law.beta)}·b_a^{_power(law.gamma)} + {law.E:.3g}, anchored to the observed cells.")
     else:
         lines.append("No bivariate law could be fitted; sizes between trained ones are interpolated log-linearly.")
     if advice.alternatives:

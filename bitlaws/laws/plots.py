@@ -23,14 +23,14 @@ _DPI = 130
 
 
 def _style(cell: Cell, setting_colors: dict[str, str]) -> dict:
-    """Colour and marker by setting, line style by format; W16A16 in thick black."""
+    """Colour and marker by setting, line style by format (fp markers hollow); W16A16 in thick black."""
     if cell.is_baseline:
-        return {"color": "black", "marker": "o", "linestyle": "-", "linewidth": 2.2}
+        return {"color": "black", "marker": "o", "linestyle": "-", "linewidth": 2.2, "markerfacecolor": "black"}
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
                "tab:olive", "tab:cyan", "tab:gray"]
     color = setting_colors.setdefault(cell.setting, palette[len(setting_colors) % len(palette)])
     return {"color": color, "marker": _MARKERS.get(cell.w_bits, "*"), "linestyle": _LINESTYLES.get(cell.fmt, ":"),
-            "linewidth": 1.4}
+            "linewidth": 1.4, "markerfacecolor": "none" if cell.fmt == "fp" else color}
 
 
 def _draw_family(ax, cells: Sequence[Cell], family: str, x: str, fits: Optional[LawFits], metric: str) -> None:
@@ -51,11 +51,12 @@ def _draw_family(ax, cells: Sequence[Cell], family: str, x: str, fits: Optional[
         else:
             ax.plot(xs, ys, color=style["color"], linestyle=style["linestyle"], linewidth=style["linewidth"])
             label = series
-        ax.plot(xs, ys, color=style["color"], marker=style["marker"], linestyle="none", markersize=6, label=label)
+        ax.plot(xs, ys, color=style["color"], marker=style["marker"], markerfacecolor=style["markerfacecolor"],
+                linestyle="none", markersize=6, label=label)
     ax.set_xscale("log")
     ax.set_xlabel(f"{AXES[x][0]} (bits, log scale)")
     ax.set_ylabel(textwrap.fill(f"{metric} (lower is better)", 40))
-    ax.set_title(f"{family_title(family)}: metric vs {AXES[x][0].split()[-1]}")
+    ax.set_title(f"{family_title(family)}: {metric} vs {AXES[x][0].split()[-1]}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
 

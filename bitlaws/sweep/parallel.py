@@ -148,5 +148,6 @@ def run_in_workers(config: ml_collections.ConfigDict, cells: Sequence[Cell], wor
                 process.terminate()
         for process in processes:
             process.join(timeout=10)
-        tasks.cancel_join_thread()
-        messages.cancel_join_thread()
+        tasks.cancel_join_thread()  # groups nobody took may still sit in the pipe: do not wait to flush them
+        for channel in (tasks, messages):
+            channel.close()

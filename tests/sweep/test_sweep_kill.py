@@ -65,3 +65,55 @@ def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     assert 0 < by_key["mlp-w16-d2|W8A16|int|rtn|s0"]["fid"] < by_key["mlp-w16-d2|W3A16|int|rtn|s0"]["fid"] < 1
     assert all("not an FID" in record["metric_name"] for record in records)
     assert by_key["mlp-w16-d2|W4A16|int|rtn|s0"]["mt_bits"] < by_key["mlp-w16-d2|W16A16|none|none|s0"]["mt_bits"]
+
+
+def _children(pid: int) -> list[int]:
+    children = pathlib.Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its new parent to reap it counts as gone)."""
+    status = pathlib.Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_sigkilled_parallel_sweep_resumes_and_its_workers_exit(tmp_path):
+    overrides = ["--set", "toy.sleep_s=0.3", "--set", "formats=('int',)"]  # 2 models x 6 cells
+    expected = [cell.key for cell in grid.expand_grid(load_config(str(REPO / "configs/sweeps/toy.py"),
+                                                                  overrides[1::2]))]
+    assert len(expected) == 12
+    out = tmp_path / "run"
+    results = out / "results.jsonl"
+    command = [sys.executable, "-m", "bitlaws.cli", "sweep", "--config", "configs/sweeps/toy.py", "--out", str(out),
+               "--no-progress", "--workers", "2", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while _line_count(results) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()[0].decode()[-2000:]
+        workers = _children(process.pid)
+        assert workers, "the sweep started no worker processes"
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    killed_at = _line_count(results)
+    assert 3 <= killed_at < len(expected)
+    deadline = time.monotonic() + 60  # each worker finishes the cell it is on (<= a few s), sees its parent gone
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "worker processes outlived their killed parent"
+    assert _line_count(results) == killed_at  # nobody wrote after the parent died
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
