@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from bitlaws.checkpoint import load_metadata, load_model, save_model
 from bitlaws.demo.data import load_digits
-from bitlaws.demo.family import register_family
+from bitlaws.demo.family import calibration_digits, register_family
 from bitlaws.models.dit import DiT
 from bitlaws.sample.diffusion import GaussianDiffusion, MeanType, create_diffusion
 
@@ -304,6 +304,28 @@ class DiTMember:
     def sample(self, model: nnx.Module, labels: np.ndarray, key: jax.Array) -> np.ndarray:
         """``[B, 16, 16, 3]`` float32 samples in [-1, 1] of `labels` drawn with `model` (maybe quantized)."""
         return sample_digits(model, labels, key, cfg_scale=self.cfg_scale, respacing=self.respacing)
+
+    def calibration_batches(self, num_batches: int, batch_size: int,
+                            seed: int) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        """``(x_t [B, 16, 16, 3], t [B], labels [B])``: real digits noised at t uniform over the 1000 training steps
+        (the DDIM sampler's respaced steps are a subset), half of the labels the null class."""
+        diffusion = training_diffusion()
+        batches = []
+        for images, labels, rng in calibration_digits(num_batches, batch_size, seed, self.model.num_classes):
+            t = rng.integers(0, diffusion.num_timesteps, size=batch_size).astype(np.int32)
+            noise = rng.standard_normal(images.shape).astype(np.float32)
+            x_t = q_sample(diffusion, jnp.asarray(images), jnp.asarray(t), jnp.asarray(noise))
+            batches.append((x_t, jnp.asarray(t), jnp.asarray(labels)))
+        return batches
+
+    def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """The DiT's output ``[B, 16, 16, 6]`` on one calibration batch."""
+        return _denoiser_output(model, *batch)
+
+
+@nnx.jit
+def _denoiser_output(model: DiT, x_t: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
+    return model(x_t, t, labels)
 
 
 def member_names() -> list[str]:

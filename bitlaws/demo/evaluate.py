@@ -10,6 +10,10 @@ noise), and records:
   (`bitlaws.eval`). It is an FID *analogue*, not an FID; ``metric_name`` says so in every record;
 * ``accuracy``: how often the classifier assigns a sample to its conditioning digit;
 * ``mt_bits`` / ``ct_bits`` / ``params`` / ``storage_bytes`` of the quantized network (`bit_accounting`).
+
+Methods that need calibration statistics (static activation scales, GPTQ's Hessians, SmoothQuant's channel
+maxima ...) get them through `MethodContext.calibrate`: the member's ``calibration_forward`` over
+``calibration_batches`` (real training digits, computed once per member and reused by every cell).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import ml_collections
 import numpy as np
 
 from bitlaws.demo import dit_family, family, metric, var_family  # noqa: F401  (registers the families)
-from bitlaws.quant import bit_accounting
+from bitlaws.quant import bit_accounting, transform
 from bitlaws.sweep import runner, settings
 from bitlaws.sweep.grid import Cell
 
+# PTQ calibration data (methods that need statistics or Hessians; RTN does not): real training digits, see
+# `family.calibration_digits`. Override with ``config.demo.calibration``.
+DEFAULT_CALIBRATION = {"num_batches": 4, "batch_size": 32, "seed": 0}
 METRIC_NAME = "DFD (Frechet distance in digits-classifier features; the demo's FID analogue, not FID)"
 NUM_CLASSES = 10
 
@@ -36,13 +43,30 @@ def make_evaluator(config: ml_collections.ConfigDict):
     reference_split = str(config.demo.get("reference_split", "all"))
     options = settings.quant_options(config)
     load = functools.lru_cache(maxsize=None)(family.load_member)
+    calibration = dict(DEFAULT_CALIBRATION, **dict(config.demo.get("calibration", None) or {}))
+    unknown = set(calibration) - set(DEFAULT_CALIBRATION)
+    if unknown:
+        raise ValueError(f"config.demo.calibration: unknown field(s) {sorted(unknown)}; "
+                         f"valid: {sorted(DEFAULT_CALIBRATION)}")
+
+    @functools.lru_cache(maxsize=None)
+    def calibration_batches(name: str) -> list:
+        return load(name).calibration_batches(int(calibration["num_batches"]), int(calibration["batch_size"]),
+                                              int(calibration["seed"]))
+
+    def calibrate_fn(member: family.DemoMember) -> settings.CalibrateFn:
+        def calibrate(model, rules, record_hessian):
+            return transform.run_calibration(model, rules, member.calibration_forward,
+                                             calibration_batches(member.name), record_hessian=record_hessian)
+
+        return calibrate
 
     def evaluate(cell: Cell) -> dict[str, Any]:
         member = load(cell.model)
         rules = cell.rules(member.quant_pattern, **options)
         quantized = settings.quantize_for_cell(
             member.model, rules, cell.method,
-            settings.MethodContext(params=cell.params, seed=cell.prng_seed))
+            settings.MethodContext(params=cell.params, calibrate=calibrate_fn(member), seed=cell.prng_seed))
         labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), n_per_class)
         images = np.asarray(member.sample(quantized, labels, jax.random.key(cell.model_seed)))
         scores = metric.evaluate_samples(np.clip(images, -1.0, 1.0), labels, reference_split=reference_split)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bitlaws import checkpoint
 from bitlaws.demo.data import DigitsData, load_digits
-from bitlaws.demo.family import register_family
+from bitlaws.demo.family import calibration_digits, register_family
 from bitlaws.models.var import VAR
 from bitlaws.models.vqvae import VQVAE, area_resize, bicubic_resize
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
@@ -605,6 +605,23 @@ class VarMember:
         images = autoregressive_infer_cfg(model, self.tokenizer, B=labels.shape[0], label_B=labels, key=key,
                                           cfg=self.cfg, top_k=self.top_k, top_p=self.top_p)  # [B, H, W, 3] in [0, 1]
         return np.asarray(images, np.float32) * 2.0 - 1.0
+
+    def calibration_batches(self, num_batches: int, batch_size: int, seed: int) -> list[tuple[jax.Array, jax.Array]]:
+        """``(labels [B], teacher-forced inputs [B, L - 1, Cvae])`` of tokenized real digits (half null-class)."""
+        batches = []
+        for images, labels, _ in calibration_digits(num_batches, batch_size, seed, self.model.num_classes):
+            _, inputs = tokenize(self.tokenizer, images, batch_size=batch_size)
+            batches.append((jnp.asarray(labels), jnp.asarray(inputs)))
+        return batches
+
+    def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """Teacher-forced logits ``[B, L, V]`` (all scales in one pass, as in training)."""
+        return _teacher_forced_logits(model, *batch)
+
+
+@nnx.jit
+def _teacher_forced_logits(model: VAR, labels: jax.Array, inputs: jax.Array) -> jax.Array:
+    return model(labels, inputs)
 
 
 def member_names(root: PathLike = CHECKPOINT_ROOT) -> list[str]:
