@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -213,9 +214,37 @@ def _verdict_section(cells: Sequence[Cell], fits: LawFits) -> list[str]:
     return lines + [""]
 
 
+def _samples_section(cells: Sequence[Cell], samples_root: Optional[pathlib.Path], out_dir: pathlib.Path,
+                     metric: str) -> list[str]:
+    """Sample grids (a record's ``samples_image``, relative to `samples_root`) of each family's largest model."""
+    if samples_root is None:
+        return []
+    lines: list[str] = []
+    for family in families_of(cells):
+        with_images = [c for c in cells if c.family == family and c.raw.get("samples_image")
+                       and (samples_root / str(c.raw["samples_image"])).is_file()]
+        if not with_images:
+            continue
+        largest = max(with_images, key=lambda c: c.params).model
+        order = {series: i for i, series in enumerate(series_of(cells, family))}
+        shown = sorted((c for c in with_images if c.model == largest), key=lambda c: (order.get(c.series, 0), c.key))
+        if not lines:
+            lines += ["## Samples", "",
+                      "The first samples of each digit (columns 0-9) drawn by each family's largest model at every "
+                      "precision, with the same noise and labels; all cells' grids are next to the results.", ""]
+        lines += [f"### {family_title(family)}: {largest}", ""]
+        rows = []
+        for c in shown:
+            image = os.path.relpath(samples_root / str(c.raw["samples_image"]), out_dir)
+            rows.append([c.series, c.method, _num(c.fid), f"![{c.key}]({pathlib.Path(image).as_posix()})"])
+        lines += _table(["precision", "method", metric, "samples"], rows) + [""]
+    return lines
+
+
 def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, pathlib.Path],
                  fits: Optional[LawFits] = None, plots: Sequence[pathlib.Path] = (),
-                 source: Optional[str] = None, n_boot: int = 200, seed: int = 0) -> pathlib.Path:
+                 source: Optional[str] = None, n_boot: int = 200, seed: int = 0,
+                 samples_root: Optional[Union[str, pathlib.Path]] = None) -> pathlib.Path:
     """Writes ``out_dir/report.md`` and returns its path.
 
     Args:
@@ -226,6 +255,8 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
         source: Where the rows came from, for the provenance section.
         n_boot: Bootstrap resamples when fitting here.
         seed: Bootstrap seed when fitting here.
+        samples_root: Folder that records' ``samples_image`` paths are relative to (the sweep folder); when
+            given, a Samples section shows each family's largest model at every precision.
 
     Raises:
         ValueError: No usable cells.
@@ -255,6 +286,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
         for path in png:
             shown = path.name if path.parent.resolve() == out_dir.resolve() else str(path)
             lines += [f"![{path.stem}]({shown})", ""]
+    lines += _samples_section(cells, pathlib.Path(samples_root) if samples_root is not None else None, out_dir, metric)
     lines += _fits_section(fits, metric)
     lines += _bivariate_section(fits, metric)
     lines += _budget_section(cells, fits, metric)
@@ -293,5 +325,6 @@ def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, path
         raise ValueError(f"no usable cells in {results}")
     fits = fit_all(cells, n_boot=n_boot, seed=seed)
     plots = plot_scaling(cells, out_dir, fits)
-    report = write_report(rows, out_dir, fits=fits, plots=plots, source=str(results))
+    report = write_report(rows, out_dir, fits=fits, plots=plots, source=str(results),
+                          samples_root=results if results.is_dir() else results.parent)
     return AnalysisOutputs(report, tuple(plots), fits)

@@ -44,7 +44,7 @@ SNAPSHOT_NAME = "config.json"
 REQUIRED_METRICS = ("fid", "mt_bits", "ct_bits")
 # Config leaves that do not change what a cell's record means; they may differ on resume. A config can
 # add dotted paths in ``config.runtime_fields``.
-RUNTIME_FIELDS = frozenset({"stop_on_error", "sleep_s", "progress", "runtime_fields", "description"})
+RUNTIME_FIELDS = frozenset({"stop_on_error", "sleep_s", "progress", "runtime_fields", "description", "out_dir"})
 
 EvaluateFn = Callable[[Cell], Mapping[str, Any]]
 EvaluatorFactory = Callable[[ml_collections.ConfigDict], EvaluateFn]
@@ -254,6 +254,17 @@ def evaluate_cell(evaluate: EvaluateFn, cell: Cell, version_info: Mapping[str, s
     return record
 
 
+def with_out_dir(config: ml_collections.ConfigDict, out: pathlib.Path) -> ml_collections.ConfigDict:
+    """A copy of `config` with ``out_dir`` set to the sweep folder (absolute), for evaluators that write files.
+
+    An evaluator may write per-cell artifacts (e.g. sample grids) under ``config.out_dir`` and name them in its
+    record by path relative to it. ``out_dir`` is a runtime field: it is not part of the config snapshot.
+    """
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.out_dir = str(out.resolve())
+    return copy
+
+
 def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike], *, progress: bool = True,
               log: Callable[[str], Any] = print, force: bool = False, workers: int = 1) -> SweepSummary:
     """Evaluates every unfinished cell of `config`'s grid, appending a record to ``out_dir/results.jsonl`` each.
@@ -293,10 +304,11 @@ def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike
             emit(f"sweep: left out {combination}: {reason}")
         for message in results.repairs:
             emit(f"sweep: repaired {message}")
+        evaluator_config = with_out_dir(config, out)
         if todo and workers > 1:
-            _run_cells_in_workers(config, todo, int(workers), results, summary, progress, emit)
+            _run_cells_in_workers(evaluator_config, todo, int(workers), results, summary, progress, emit)
         elif todo:
-            _run_cells(config, factory, todo, results, summary, progress, emit)
+            _run_cells(evaluator_config, factory, todo, results, summary, progress, emit)
     summary.wall_s = time.perf_counter() - start
     return summary
 

@@ -23,3 +23,23 @@ def test_demo_cells_score_and_account_bits():
     assert fp["n_params"] == w4["n_params"] and fp["mt_bits"] == 16 * fp["n_params"]
     assert w4["mt_bits"] < fp["mt_bits"] and w4["ct_bits"] < fp["ct_bits"]
     assert w4["fid"] != fp["fid"]  # the quantized transformer really sampled something else
+
+
+def test_sweep_cells_save_their_sample_grid(tmp_path):
+    import json  # pylint: disable=g-import-not-at-top
+
+    from matplotlib import image as mpl_image  # pylint: disable=g-import-not-at-top
+
+    from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
+
+    config = configlib.load_config(f"{CONFIG}:quick,n_per_class=3", ["models=('var-d1',)", "settings=('W16A16',)"])
+    config.demo.grid_per_class = 2
+    summary = runner.run_sweep(config, tmp_path / "run", progress=False)
+    assert summary.complete
+    record = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert record["samples_image"] == "samples/var-d1/var-d1_W16A16_none_none_s0.png"
+    grid = mpl_image.imread(tmp_path / "run" / record["samples_image"])
+    zoom = evaluate.GRID_ZOOM
+    assert grid.shape[:2] == (2 * 16 * zoom, 10 * 16 * zoom)  # 2 rows of samples x 10 digits
+    assert grid[..., :3].std() > 0.05  # digits, not a blank image
+    assert "out_dir" not in (tmp_path / "run" / "config.json").read_text()  # a runtime field, not in the snapshot

@@ -137,3 +137,28 @@ def test_metric_label_is_the_name_before_its_parenthesis():
     assert fit.metric_label(cells) == "DFD" and fit.metric_name(cells) == "DFD (digits; not FID)"
     assert fit.metric_label([]) == fit.metric_name([]) == "FID"
 
+
+
+def test_report_shows_the_largest_models_sample_grids(tmp_path):
+    rows = _sweep_rows()
+    sweep = tmp_path / "sweep"
+    for row in rows:
+        if row["model"] in ("var-d8", "dit-d2"):  # var-d8 is VAR's largest; dit-d2 is not DiT's largest
+            row["samples_image"] = f"samples/{row['model']}/{row['key'].replace('|', '_')}.png"
+            (sweep / row["samples_image"]).parent.mkdir(parents=True, exist_ok=True)
+            (sweep / row["samples_image"]).write_bytes(b"png")
+    rows[-1]["samples_image"] = "samples/missing.png"  # a record pointing at no file is left out, not linked
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.analyze(sweep, tmp_path / "elsewhere", n_boot=0).report.read_text()
+    section = text[text.index("## Samples"):text.index("## Fitted power laws")]
+    assert "### VAR: var-d8" in section and "### DiT: dit-d2" in section  # DiT's largest with a grid
+    assert section.count("![var-d8|") == len(SETTINGS)
+    assert "(../sweep/samples/var-d8/var-d8_W16A16_none_rtn.png)" in section  # relative to the report's folder
+    assert "missing.png" not in section
+    first_rows = [line for line in section.splitlines() if line.startswith("| W")]
+    assert first_rows[0].startswith("| W16A16 |")  # the float baseline first
+
+
+def test_report_without_sample_grids_has_no_samples_section(results_dir, tmp_path):
+    text = report.analyze(results_dir, tmp_path, n_boot=0).report.read_text()
+    assert "## Samples" not in text
