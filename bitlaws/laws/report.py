@@ -236,7 +236,7 @@ def _samples_section(cells: Sequence[Cell], samples_root: Optional[pathlib.Path]
         rows = []
         for c in shown:
             image = os.path.relpath(samples_root / str(c.raw["samples_image"]), out_dir)
-            rows.append([c.series, c.method, _num(c.fid), f"![{c.key}]({pathlib.Path(image).as_posix()})"])
+            rows.append([c.series, c.method, _num(c.fid), f"![{c.key.replace('|', ' ')}]({pathlib.Path(image).as_posix()})"])
         lines += _table(["precision", "method", metric, "samples"], rows) + [""]
     return lines
 

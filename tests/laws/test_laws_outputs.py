@@ -152,7 +152,7 @@ def test_report_shows_the_largest_models_sample_grids(tmp_path):
     text = report.analyze(sweep, tmp_path / "elsewhere", n_boot=0).report.read_text()
     section = text[text.index("## Samples"):text.index("## Fitted power laws")]
     assert "### VAR: var-d8" in section and "### DiT: dit-d2" in section  # DiT's largest with a grid
-    assert section.count("![var-d8|") == len(SETTINGS)
+    assert section.count("![var-d8 ") == len(SETTINGS)  # no '|' in alt texts: it would split the table cell
     assert "(../sweep/samples/var-d8/var-d8_W16A16_none_rtn.png)" in section  # relative to the report's folder
     assert "missing.png" not in section
     first_rows = [line for line in section.splitlines() if line.startswith("| W")]
