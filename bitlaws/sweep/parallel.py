@@ -65,7 +65,7 @@ def model_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
 
 
 def _worker(index: int, config_dict: dict, tasks, messages, parent_pid: int) -> None:
-    """Worker process body: evaluate model groups from `tasks` until it is empty, report on `messages`."""
+    """Worker process body: evaluate model groups from `tasks` until its None, report on `messages`."""
     # Imports happen here, in the spawned process, so the parent never has to be fork-safe.
     from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
 
@@ -80,9 +80,8 @@ def _worker(index: int, config_dict: dict, tasks, messages, parent_pid: int) -> 
         return
     try:
         while True:
-            try:
-                group = tasks.get_nowait()
-            except queue_lib.Empty:
+            group = tasks.get()  # blocking: every queued group is followed by one None per worker
+            if group is None:
                 break
             for cell in group:
                 if os.getppid() != parent_pid:  # the parent died (e.g. SIGKILL): nobody records our work
@@ -122,6 +121,8 @@ def run_in_workers(config: ml_collections.ConfigDict, cells: Sequence[Cell], wor
     tasks, messages = context.Queue(), context.Queue()
     for group in groups:
         tasks.put(group)
+    for _ in range(workers):
+        tasks.put(None)  # end of work; a blocking get never mistakes a not-yet-flushed queue for an empty one
     processes = [context.Process(target=_worker, args=(i, config.to_dict(), tasks, messages, os.getpid()),
                                  name=f"bitlaws-sweep-worker-{i}", daemon=True) for i in range(workers)]
     for process in processes:
