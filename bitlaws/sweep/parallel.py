@@ -34,7 +34,7 @@ _POLL_S = 1.0  # how often the parent checks that its workers are alive while wa
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    """A worker finished `key`; `record` is what goes into ``results.jsonl``."""
+    """Cell `key` finished (in a worker or in process); `record` is what goes into ``results.jsonl``."""
 
     key: str
     record: dict
@@ -42,7 +42,7 @@ class Finished:
 
 @dataclasses.dataclass(frozen=True)
 class Failed:
-    """A worker's cell `key` raised; `message` is ``Type: text``, `details` the traceback."""
+    """Cell `key` raised (in a worker or in process); `message` is ``Type: text``, `details` the traceback."""
 
     key: str
     message: str

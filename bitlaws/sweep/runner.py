@@ -29,13 +29,14 @@ import platform
 import sys
 import time
 import traceback
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import ml_collections
 from tqdm import tqdm
 
 from bitlaws import configlib
 from bitlaws.sweep import grid as grid_lib
+from bitlaws.sweep import parallel
 from bitlaws.sweep.grid import Cell
 from bitlaws.sweep.results import REQUIRED_FIELDS, ResultsFile, exclusive_lock
 
@@ -315,44 +316,44 @@ def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike
 
 def _run_cells(config: ml_collections.ConfigDict, factory: EvaluatorFactory, todo: list[Cell],
                results: ResultsFile, summary: SweepSummary, progress: bool, emit: Callable[[str], Any]) -> None:
-    stop_on_error = bool(config.get("stop_on_error", True))
-    version_info = versions()
-    bar = tqdm(total=summary.total, initial=summary.already_done, unit="cell", desc="sweep",
-               disable=not progress, dynamic_ncols=True)
-    try:
+    """Evaluates `todo` in this process and records each cell as it finishes."""
+    bar = _progress_bar(summary, progress, "sweep")
+
+    def messages() -> Iterator[parallel.Finished | parallel.Failed]:
         evaluate = factory(config)
+        version_info = versions()
         for cell in todo:
-            bar.set_postfix_str(cell.key, refresh=False)
+            bar.set_postfix_str(cell.key, refresh=False)  # the cell being evaluated (cells can take minutes)
             try:
                 record = evaluate_cell(evaluate, cell, version_info)
             except Exception as e:  # pylint: disable=broad-except
-                message = f"{type(e).__name__}: {e}"
-                summary.failed.append((cell.key, message))
-                emit(f"sweep: cell {cell.key} failed: {message}\n{traceback.format_exc().rstrip()}")
-                if stop_on_error:
-                    emit("sweep: stopping (stop_on_error=True); rerun to retry the failed cell")
-                    return
+                yield parallel.Failed(cell.key, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
-            results.append(record)
-            summary.evaluated.append(cell.key)
-            bar.update(1)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        emit(f"sweep: interrupted; {summary.finished}/{summary.total} cells are in {results.path}; "
-             f"rerun the same command to resume")
-    finally:
-        bar.close()
+            yield parallel.Finished(cell.key, record)
+
+    _record_cells(messages(), config, results, summary, bar, emit)
 
 
 def _run_cells_in_workers(config: ml_collections.ConfigDict, todo: list[Cell], workers: int, results: ResultsFile,
                           summary: SweepSummary, progress: bool, emit: Callable[[str], Any]) -> None:
     """`_run_cells` with the evaluation in worker processes; this process appends every record."""
-    from bitlaws.sweep import parallel  # pylint: disable=g-import-not-at-top
+    bar = _progress_bar(summary, progress, f"sweep ({workers} workers)")
+    _record_cells(parallel.run_in_workers(config, todo, workers), config, results, summary, bar, emit)
 
+
+def _progress_bar(summary: SweepSummary, progress: bool, desc: str) -> tqdm:
+    return tqdm(total=summary.total, initial=summary.already_done, unit="cell", desc=desc, disable=not progress,
+                dynamic_ncols=True)
+
+
+def _record_cells(messages: Iterator[parallel.Finished | parallel.Failed], config: ml_collections.ConfigDict,
+                  results: ResultsFile, summary: SweepSummary, bar: tqdm, emit: Callable[[str], Any]) -> None:
+    """Appends each finished cell's record; logs failures (stopping on the first unless ``stop_on_error=False``).
+
+    Closing `messages` when this returns early (a failure, Ctrl-C) stops the evaluation: the in-process
+    generator is abandoned, worker processes are terminated.
+    """
     stop_on_error = bool(config.get("stop_on_error", True))
-    bar = tqdm(total=summary.total, initial=summary.already_done, unit="cell", desc=f"sweep ({workers} workers)",
-               disable=not progress, dynamic_ncols=True)
-    messages = parallel.run_in_workers(config, todo, workers)
     try:
         for message in messages:
             if isinstance(message, parallel.Failed):
@@ -371,7 +372,7 @@ def _run_cells_in_workers(config: ml_collections.ConfigDict, todo: list[Cell], w
         emit(f"sweep: interrupted; {summary.finished}/{summary.total} cells are in {results.path}; "
              f"rerun the same command to resume")
     finally:
-        messages.close()  # terminates the workers if we stopped early
+        messages.close()
         bar.close()
 
 
