@@ -25,6 +25,25 @@ def _line_count(path: pathlib.Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def _kill_after_lines(command: list[str], env: dict, results: pathlib.Path, *, lines: int,
+                      timeout_s: float) -> list[int]:
+    """Starts `command`, SIGKILLs it once `results` has `lines` lines; returns the pids of its children then."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while _line_count(results) < lines and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()[0].decode()[-2000:]
+        children = _children(process.pid)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return children
+
+
 def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     overrides = OVERRIDES[1::2]
     expected = [cell.key for cell in grid.expand_grid(load_config(str(REPO / CONFIG), overrides))]
@@ -32,18 +51,7 @@ def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "run"
     results = out / "results.jsonl"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(_command(out), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while _line_count(results) < 2 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert process.poll() is None, process.communicate()[0].decode()[-2000:]
-        os.kill(process.pid, signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    _kill_after_lines(_command(out), env, results, lines=2, timeout_s=60)
     killed_at = _line_count(results)
     assert 2 <= killed_at < len(expected)
     # Simulate the worst case a kill can leave (a cut-off line); the rerun must move it aside, not choke.
@@ -91,20 +99,8 @@ def test_sigkilled_parallel_sweep_resumes_and_its_workers_exit(tmp_path):
     command = [sys.executable, "-m", "bitlaws.cli", "sweep", "--config", "configs/sweeps/toy.py", "--out", str(out),
                "--no-progress", "--workers", "2", *overrides]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while _line_count(results) < 3 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert process.poll() is None, process.communicate()[0].decode()[-2000:]
-        workers = _children(process.pid)
-        assert workers, "the sweep started no worker processes"
-        os.kill(process.pid, signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    workers = _kill_after_lines(command, env, results, lines=3, timeout_s=120)
+    assert workers, "the sweep started no worker processes"
     killed_at = _line_count(results)
     assert 3 <= killed_at < len(expected)
     deadline = time.monotonic() + 60  # each worker finishes the cell it is on (<= a few s), sees its parent gone
