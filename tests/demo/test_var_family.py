@@ -69,16 +69,10 @@ def test_quant_pattern_covers_every_transformer_linear_layer(smallest):
     assert all(re.fullmatch(vf.QUANT_PATTERN, p) for p in paths)
 
 
-def test_sample_shape_range_and_determinism(names):
+def test_sample_shape_range_and_determinism(names, sample_twice_and_once_more):
     # One member only: compiling the sampler costs ~10 s per member on this CPU; all members load above.
     member = family.load_member(names[-1])
-    labels = np.arange(6) % 10
-    first = member.sample(member.model, labels, jax.random.key(3))
-    again = member.sample(member.model, labels, jax.random.key(3))
-    other = member.sample(member.model, labels, jax.random.key(4))
-    assert first.shape == (6, 16, 16, 3) and first.dtype == np.float32
-    assert first.min() >= -1.0 and first.max() <= 1.0
-    np.testing.assert_array_equal(first, again)
+    first, other = sample_twice_and_once_more(member, np.arange(6) % 10, key=3, other_key=4)
     assert not np.array_equal(first, other)
     # Digits are light strokes on a dark background, as in the data.
     assert np.mean(first < 0.0) > 0.5
