@@ -1,6 +1,11 @@
 """The `bitlaws` command line. Thin: each subcommand parses arguments and calls a library function.
 
 Heavy modules are imported inside the subcommands so that ``bitlaws --help`` is instant.
+
+Errors a user can cause (a missing or malformed input file, a bad config, an out-of-range flag, an output
+folder that must not be written) end the command with exit status 2 and one line on stderr,
+``bitlaws COMMAND: error: MESSAGE``, before anything is written. Flags are checked before any work starts.
+Anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import sys
 import time
 from typing import Optional, Sequence
 
+# Exceptions that mean "bad input" (reported in one line, exit status 2). OSError covers unreadable,
+# missing or misplaced files and folders (IsADirectoryError, NotADirectoryError, PermissionError ...);
+# UnicodeDecodeError is a ValueError.
+USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError)
+
 # `bitlaws train` dispatches on the config's `family` field.
 TRAINERS = {
     "classifier": "bitlaws.demo.classifier",
@@ -22,10 +32,21 @@ TRAINERS = {
 }
 
 
+def _require(condition: bool, message: str) -> None:
+    """Raises ValueError(`message`) unless `condition` (flag checks that run before any work)."""
+    if not condition:
+        raise ValueError(message)
+
+
 def _cmd_formats(args: argparse.Namespace) -> int:
     from bitlaws.quant import format_table  # pylint: disable=g-import-not-at-top
 
+    group = format_table.GROUP_SIZE
+    _require(args.size > 0 and args.size % group == 0,
+             f"--size must be a positive multiple of {group} (the per-group column uses groups of {group}), "
+             f"got {args.size}")
     names = args.formats or format_table.TABLE_FORMATS
+    format_table.check_format_names(names)
     start = time.perf_counter()
     rows = format_table.format_rows(names, size=args.size, seed=args.seed, progress=not args.no_progress)
     print(format_table.render(rows, args.size))
@@ -37,7 +58,7 @@ def _cmd_port(args: argparse.Namespace) -> int:
     from bitlaws.port import convert  # pylint: disable=g-import-not-at-top
 
     start = time.perf_counter()
-    out = convert.convert(args.kind, args.ckpt, args.out, config=args.config, key=args.key)
+    out = convert.convert(args.kind, args.ckpt, args.out, config=args.config, key=args.key, force=args.force)
     print(f"ported {args.kind} from {args.ckpt} to {out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -45,6 +66,7 @@ def _cmd_port(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
 
+    _require(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
     summary = runner.run_sweep_from_config(args.config, args.out, args.overrides, progress=not args.no_progress,
                                            force=args.force, workers=args.workers)
     print(f"sweep: {summary.finished}/{summary.total} cells finished ({len(summary.evaluated)} now, "
@@ -55,7 +77,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from bitlaws.laws import analyze  # pylint: disable=g-import-not-at-top
 
+    _require(args.n_boot >= 0, f"--n-boot must be >= 0 (0: no bootstrap intervals), got {args.n_boot}")
     outputs = analyze(args.results, args.out, n_boot=args.n_boot, seed=args.seed)
+    for notice in outputs.notices:
+        print(f"bitlaws report: notice: {notice}", file=sys.stderr)
     print(f"report: {outputs.report}")
     for path in outputs.plots:
         print(f"plot:   {path}")
@@ -89,6 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from bitlaws.eval import cli_impl  # pylint: disable=g-import-not-at-top
 
+    _require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eval_command == "fid":
         return cli_impl.cmd_eval_fid(args.samples, args.ref, args.inception, args.batch_size,
                                      progress=not args.no_progress)
@@ -105,14 +131,15 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume into a folder whose config.json differs in grid-defining fields")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--workers", type=int, default=1,
-                        help="evaluate cells in N processes, one model per process at a time (default 1: in this "
-                             "process); on CPU hosts compilation dominates and N = cores is fastest")
+                        help="evaluate cells in N >= 1 processes, one model per process at a time (default 1: in "
+                             "this process); on CPU hosts compilation dominates and N = cores is fastest")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitlaws",
         description="Quantize vision generative models (VAR, DiT) and measure their bit-level scaling laws.")
+    parser.add_argument("--version", action="version", version=f"bitlaws {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -120,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print every quantization format with its bits per value, grid size, "
                                          "max normal and the relative RMS error of quantizing a standard-normal "
                                          "tensor per tensor / per channel / per group.")
-    formats.add_argument("--size", type=int, default=4096, help="side of the square test tensor (default 4096)")
+    formats.add_argument("--size", type=int, default=4096,
+                         help="side of the square test tensor: a positive multiple of 128, the group size of the "
+                              "per-group column (default 4096)")
     formats.add_argument("--seed", type=int, default=0)
-    formats.add_argument("--formats", nargs="*", help="only these formats (default: all)")
+    formats.add_argument("--formats", nargs="*", metavar="FORMAT",
+                         help="only these formats, e.g. int4 fp4_e2m1 mxfp4 (default: all)")
     formats.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     formats.set_defaults(func=_cmd_formats)
 
@@ -131,9 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "our NNX model (every missing/unexpected/misshapen key is named), save orbax.")
     port.add_argument("kind", choices=["var", "vqvae", "dit", "vae", "inception"])
     port.add_argument("--ckpt", required=True, help="the official weight file (.pth/.pt/.bin/.safetensors/.npz)")
-    port.add_argument("--out", required=True, help="output directory")
+    port.add_argument("--out", required=True,
+                      help="output directory: new, empty, or holding an earlier port (replaced only with --force); "
+                           "any other non-empty directory is refused, even with --force")
     port.add_argument("--config", help="model config FILE.py[:ARG] (required for var, vqvae and dit)")
     port.add_argument("--key", help="sub-dict of a nested checkpoint, e.g. 'ema' or 'model'")
+    port.add_argument("--force", action="store_true", help="replace the port already in --out")
     port.set_defaults(func=_cmd_port)
 
     sweep = sub.add_parser("sweep", help="run a resumable sweep of model x precision x format x method cells",
@@ -147,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(PNG + SVG) and report.md for a sweep's results.jsonl.")
     report.add_argument("--results", required=True, help="results.jsonl or the sweep folder")
     report.add_argument("--out", help="output folder (default: the sweep folder)")
-    report.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
+    report.add_argument("--n-boot", type=int, default=200,
+                        help="bootstrap resamples, >= 0 (default 200; 0: no confidence intervals)")
     report.add_argument("--seed", type=int, default=0)
     report.set_defaults(func=_cmd_report)
 
@@ -180,10 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--out", required=True, help="output .npz")
     for p in (fid, stats):
         p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: $BITLAWS_FID_INCEPTION)")
-        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--batch-size", type=int, default=50, help="images per step, >= 1 (default 50)")
         p.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
     return parser
+
+
+def _version() -> str:
+    from bitlaws import package_version  # pylint: disable=g-import-not-at-top
+
+    return package_version()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -191,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+    except USER_ERRORS as e:
         print(f"bitlaws {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,14 +18,22 @@ import ml_collections
 
 
 def load_module(path: Union[str, pathlib.Path]) -> types.ModuleType:
-    """Imports a python file by path (config folders are not packages)."""
+    """Imports a python file by path (config folders are not packages).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not valid python (the message names the file and the line).
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     name = "bitlaws_config_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {str(path)!r} has a syntax error at line {e.lineno}: {e.msg}") from e
     return module
 
 
@@ -34,8 +42,20 @@ def load_sibling(config_file: str, name: str) -> types.ModuleType:
     return load_module(pathlib.Path(config_file).with_name(name))
 
 
-def parse_arg(arg: Optional[str]) -> dict[str, object]:
-    """Parses ``"depth=4,quick"`` into ``{"depth": 4, "quick": True}`` (values as python literals or strings)."""
+class ConfigArgError(ValueError):
+    """A config's ``get_config`` argument names a key the config does not accept."""
+
+
+def parse_arg(arg: Optional[str], allowed: Optional[Sequence[str]] = None) -> dict[str, object]:
+    """Parses ``"depth=4,quick"`` into ``{"depth": 4, "quick": True}`` (values as python literals or strings).
+
+    Args:
+        arg: The text after ``file.py:`` (None or empty: no arguments).
+        allowed: The keys the config accepts; None accepts any key.
+
+    Raises:
+        ConfigArgError: a key not in `allowed` (the message names it and lists the allowed keys).
+    """
     out: dict[str, object] = {}
     if not arg:
         return out
@@ -45,12 +65,16 @@ def parse_arg(arg: Optional[str]) -> dict[str, object]:
             continue
         key, sep, value = item.partition("=")
         if not sep:
-            out[key] = True
+            out[key.strip()] = True
             continue
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             out[key.strip()] = value.strip()
+    unknown = [key for key in out if allowed is not None and key not in allowed]
+    if unknown:
+        raise ConfigArgError(f"unknown argument(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(allowed) if allowed else 'none'}")
     return out
 
 
@@ -82,10 +106,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``file.py[:arg]`` and applies overrides."""
+    """Loads ``file.py[:arg]`` and applies overrides.
+
+    Raises:
+        FileNotFoundError: no such config file.
+        ValueError: a syntax error in the file, no ``get_config``, an argument the config does not accept
+            (`ConfigArgError`, prefixed with `spec`) or a bad override.
+    """
     path, sep, arg = spec.partition(":")
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} defines no get_config()")
-    config = module.get_config(arg) if sep else module.get_config()
+    try:
+        config = module.get_config(arg) if sep else module.get_config()
+    except ConfigArgError as e:
+        raise ConfigArgError(f"config {spec!r}: {e}") from e
     return apply_overrides(config, overrides)

@@ -19,6 +19,22 @@ def test_help_lists_subcommands(capsys):
         assert command in out
 
 
+def _help(capsys, *command: str) -> str:
+    try:
+        cli.main([*command, "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_states_the_rules_the_commands_check(capsys):
+    assert "a positive multiple of 128" in _help(capsys, "formats")
+    port = _help(capsys, "port")
+    assert "--force" in port and "any other non-empty directory is refused, even with --force" in port
+    assert "N >= 1" in _help(capsys, "sweep")
+    assert "bootstrap resamples, >= 0" in _help(capsys, "report")
+
+
 def test_formats_table_small(capsys):
     assert cli.main(["formats", "--size", "256", "--formats", "int4", "fp4_e2m1", "mxfp4", "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -32,3 +32,26 @@ def test_missing_file():
 
 def test_parse_arg():
     assert configlib.parse_arg("depth=4,quick,name=abc,lr=1e-3") == dict(depth=4, quick=True, name="abc", lr=1e-3)
+
+
+def test_parse_arg_with_allowed_keys_names_the_unknown_one():
+    assert configlib.parse_arg("quick, n_per_class=3", allowed=("quick", "n_per_class")) == dict(quick=True,
+                                                                                                n_per_class=3)
+    with pytest.raises(configlib.ConfigArgError, match=r"unknown argument\(s\) 'bogus'; allowed: quick, n_per_class"):
+        configlib.parse_arg("quick,bogus=1", allowed=("quick", "n_per_class"))
+    with pytest.raises(ValueError, match="allowed: none"):
+        configlib.parse_arg("x", allowed=())
+
+
+@pytest.mark.parametrize("spec,allowed", [("sweeps/demo.py", "quick, n_per_class"), ("sweeps/toy.py", "small"),
+                                          ("demo/dit.py", "depth, steps, quick"), ("demo/var.py", "depth"),
+                                          ("demo/vqvae.py", "steps, quick"), ("demo/classifier.py", "quick")])
+def test_every_config_that_takes_an_argument_rejects_unknown_ones(spec, allowed):
+    with pytest.raises(ValueError, match=rf"config '.*{spec}:bogus': unknown argument\(s\) 'bogus'.*{allowed}"):
+        configlib.load_config(f"{CONFIGS}/{spec}:bogus")
+
+
+def test_syntax_error_names_the_file_and_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import ml_collections\n\ndef get_config(:\n")
+    with pytest.raises(ValueError, match=r"broken\.py' has a syntax error at line 3"):
+        configlib.load_config(str(tmp_path / "broken.py"))

@@ -15,6 +15,11 @@ noise), and records:
 Methods that need calibration statistics (static activation scales, GPTQ's Hessians, SmoothQuant's channel
 maxima ...) get them through `MethodContext.calibrate`: the member's ``calibration_forward`` over
 ``calibration_batches`` (real training digits, computed once per member and reused by every cell).
+
+Pre-check (`check_cells`, run by the sweep before any cell): every unfinished cell names a shipped member
+and its rules fit the member's abstract network (``nnx.eval_shape`` from the checkpoint's constructor
+metadata; no weights are read), e.g. ``quant.weight_group_size`` must divide every quantized layer's
+reduction axis.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
+from bitlaws import checkpoint
 from bitlaws.demo import dit_family, family, metric, var_family  # noqa: F401  (registers the families)
-from bitlaws.quant import bit_accounting, transform
+from bitlaws.quant import bit_accounting, cached_calibration, transform
 from bitlaws.sweep import runner, settings
 from bitlaws.sweep.grid import Cell
 
@@ -64,27 +71,35 @@ def make_evaluator(config: ml_collections.ConfigDict):
         return load(name).calibration_batches(int(calibration["num_batches"]), int(calibration["batch_size"]),
                                               int(calibration["seed"]))
 
-    def calibrate_fn(member: family.DemoMember) -> settings.CalibrateFn:
+    @functools.lru_cache(maxsize=None)
+    def calibrate_fn(name: str) -> settings.CalibrateFn:
+        """One cached calibration per member: statistics depend on (member, matched layers, act specs) only."""
+        member = load(name)
+
         def calibrate(model, rules, record_hessian):
             return transform.run_calibration(model, rules, member.calibration_forward,
                                              calibration_batches(member.name), record_hessian=record_hessian)
 
-        return calibrate
+        return cached_calibration(calibrate)
 
     def evaluate(cell: Cell) -> dict[str, Any]:
         member = load(cell.model)
         rules = cell.rules(member.quant_pattern, **options)
+        materialize = settings.materialize_for(config, cell.setting)
         quantized = settings.quantize_for_cell(
             member.model, rules, cell.method,
-            settings.MethodContext(params=cell.params, calibrate=calibrate_fn(member), seed=cell.prng_seed))
+            settings.MethodContext(params=cell.params, calibrate=calibrate_fn(member.name), seed=cell.prng_seed,
+                                   materialize=materialize))
         labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), n_per_class)
         images = np.clip(np.asarray(member.sample(quantized, labels, jax.random.key(cell.model_seed))), -1.0, 1.0)
         scores = metric.evaluate_samples(images, labels, reference_split=reference_split)
         report = bit_accounting(member.model, rules)
+        # Packed cells: the storage of the arrays the cell really ran with (QArray.nbytes of every packed kernel).
+        storage = bit_accounting(quantized).storage_bytes if materialize == "packed" else report.storage_bytes
         record = dict(fid=float(scores["dfd"]), accuracy=float(scores["accuracy"]), n_samples=int(scores["n"]),
                       metric_name=METRIC_NAME, family=member.family, n_params=int(report.total_params),
                       mt_bits=int(report.mt_bits), ct_bits=int(report.ct_bits),
-                      storage_bytes=int(report.storage_bytes))
+                      storage_bytes=int(storage), materialize=materialize)
         if out_dir is not None and samples_per_class > 0:
             relative = pathlib.Path(SAMPLES_DIR) / cell.model / f"{cell.key.replace('|', '_')}.png"
             save_sample_grid(images, n_per_class, min(samples_per_class, n_per_class), out_dir / relative)
@@ -92,6 +107,61 @@ def make_evaluator(config: ml_collections.ConfigDict):
         return record
 
     return evaluate
+
+
+def _abstract_var(name: str) -> nnx.Module:
+    directory = var_family.CHECKPOINT_ROOT / name
+    if not (directory / checkpoint.METADATA_FILE).is_file():
+        raise ValueError(f"no VAR demo member {name!r}; available: {var_family.member_names()}")
+    ctor = checkpoint.load_metadata(directory)["ctor"]
+    tokenizer_ctor = checkpoint.load_metadata(var_family.CHECKPOINT_ROOT / var_family.TOKENIZER_NAME)["ctor"]
+    return nnx.eval_shape(lambda: var_family.build_var(ctor, tokenizer_ctor))
+
+
+def _abstract_dit(name: str) -> nnx.Module:
+    directory = dit_family.CHECKPOINT_ROOT / name
+    if not (directory / checkpoint.METADATA_FILE).is_file():
+        raise ValueError(f"no DiT demo member {name!r}; available: {dit_family.member_names()}")
+    kwargs = dict(checkpoint.load_metadata(directory)["model"])
+    return nnx.eval_shape(lambda: dit_family.DiT(**kwargs, rngs=nnx.Rngs(0)))
+
+
+# family -> (abstract network of a member name, module-path regex of its quantized layers)
+_ABSTRACT: dict[str, tuple[Callable[[str], nnx.Module], str]] = {
+    "var": (_abstract_var, var_family.QUANT_PATTERN),
+    "dit": (_abstract_dit, dit_family.QUANT_PATTERN),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_member(name: str) -> tuple[nnx.Module, str]:
+    """``(abstract network, quant pattern)`` of a shipped member, built from its metadata without weights.
+
+    Raises:
+        ValueError: an unknown family or member (the message lists the available ones).
+    """
+    family_name = name.split("-", 1)[0]
+    if family_name not in _ABSTRACT:
+        raise ValueError(f"unknown demo family {family_name!r} in model {name!r}; families: {sorted(_ABSTRACT)}")
+    build, pattern = _ABSTRACT[family_name]
+    return build(name), pattern
+
+
+def check_cells(config: ml_collections.ConfigDict, cells: Sequence[Cell]) -> None:
+    """The sweep's pre-check: each cell's member exists and its rules fit the member's abstract network.
+
+    Raises:
+        ValueError: naming the first failing cell (and counting the others), see `runner.check_each`.
+    """
+    options = settings.quant_options(config)
+
+    def check_one(cell: Cell) -> None:
+        model, pattern = abstract_member(cell.model)
+        rules = cell.rules(pattern, **options)
+        if rules:
+            transform.check_rules(model, rules)
+
+    runner.check_each(cells, check_one, key=lambda cell: (cell.model, cell.setting, cell.format))
 
 
 def save_sample_grid(images: np.ndarray, n_per_class: int, per_class: int, path: pathlib.Path) -> None:
@@ -116,4 +186,4 @@ def save_sample_grid(images: np.ndarray, n_per_class: int, per_class: int, path:
     os.replace(tmp, path)
 
 
-runner.register_evaluator("demo", make_evaluator)
+runner.register_evaluator("demo", make_evaluator, check=check_cells)

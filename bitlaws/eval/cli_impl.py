@@ -2,17 +2,22 @@
 
 Both commands print their result to stdout and return a process exit code: 0 on success, 2 when an input is
 missing or malformed (missing FID weight file, missing sample path, wrong image dtype/layout, npz without the
-expected keys); the error message goes to stderr.
+expected keys); the error message (one line) goes to stderr. The inputs are checked in the order of the
+command line and before the Inception weights are read: ``--samples``, ``--ref`` / ``--out``, then
+``--inception``; an ``.npz`` is checked from its header (keys, dtype, NHWC shape), reading at most one image.
 """
 
 from __future__ import annotations
 
 import sys
+import zipfile
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from bitlaws.eval.fid import MIN_FULL_RANK_IMAGES, compute_fid, inception_stats, save_reference_stats
+from bitlaws.eval.fid import (MIN_FULL_RANK_IMAGES, compute_fid, inception_stats, iter_samples_npz,
+                              save_reference_stats)
 
 __all__ = ["cmd_eval_fid", "cmd_eval_stats", "format_fid_report"]
 
@@ -20,6 +25,65 @@ __all__ = ["cmd_eval_fid", "cmd_eval_stats", "format_fid_report"]
 def _error(command: str, err: Exception) -> int:
     print(f"bitlaws eval {command}: error: {err}", file=sys.stderr)
     return 2
+
+
+def _check_images(flag: str, source: str, *, stats_ok: bool = False) -> None:
+    """Checks an image source given on the command line before any network is loaded.
+
+    Args:
+        flag: The option that named it (``--samples``), for the message.
+        source: An ADM ``.npz`` (``arr_0`` uint8 NHWC) or a folder of PNG files (their sizes are checked when
+            they are read).
+        stats_ok: Also accept a statistics ``.npz`` (``mu`` and ``sigma``), as ``--ref`` does.
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: not a PNG folder or ``.npz``; an npz that is not a zip archive, lacks the keys or holds
+            images that are not uint8 ``[N, H, W, 3]`` (the shape in the message is the stored one).
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {source}: no such sample file or folder (expected an ADM .npz with "
+                                f"'arr_0' or a folder of .png files)")
+    if path.is_dir():
+        if not any(p.is_file() and p.suffix.lower() == ".png" for p in path.iterdir()):
+            raise ValueError(f"{flag} {source}: folder holds no .png files")
+        return
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"{flag} {source}: expected an ADM .npz (key 'arr_0', uint8 [N, H, W, 3]) or a folder of "
+                         f".png files")
+    try:
+        if stats_ok:
+            with zipfile.ZipFile(path) as archive:
+                if {"mu.npy", "sigma.npy"} <= set(archive.namelist()):
+                    return
+        next(iter_samples_npz(path, 1), None)  # reads the header and at most one image
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{flag} {source}: not a valid .npz file ({e})") from e
+
+
+def _load_inception(inception: Optional[str]) -> Any:
+    """The FID Inception network; a missing weight file is reported in command-line terms (``--inception FILE``)."""
+    from bitlaws.port.tables import inception as table  # pylint: disable=g-import-not-at-top
+
+    try:
+        return table.load_fid_inception(inception)
+    except FileNotFoundError as e:
+        path = Path(inception).expanduser() if inception else table.default_weights_path()
+        if path.is_file():
+            raise
+        raise FileNotFoundError(
+            f"FID Inception weights not found at {path}. Download {table.WEIGHTS_FILE} (pytorch-fid "
+            f"release asset: {table.WEIGHTS_URL}) and pass it with --inception FILE, put it at "
+            f"{table.DEFAULT_PATH} or set ${table.ENV_VAR} to its path; bitlaws never downloads it.") from e
+
+
+def _check_out_file(flag: str, out: str) -> None:
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give the path of the .npz file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {out}: folder {path.parent} does not exist")
 
 
 def _count(n: Optional[int]) -> str:
@@ -69,7 +133,10 @@ def cmd_eval_fid(samples: str, ref: str, inception: Optional[str] = None, batch_
         Exit code: 0 on success, 2 on a missing or malformed input (message on stderr).
     """
     try:
-        result = compute_fid(samples, ref, inception_path=inception, batch_size=batch_size, progress=progress)
+        _check_images("--samples", samples)
+        _check_images("--ref", ref, stats_ok=True)
+        model = _load_inception(inception)
+        result = compute_fid(samples, ref, model=model, batch_size=batch_size, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         return _error("fid", err)
     print(format_fid_report(result))
@@ -94,7 +161,10 @@ def cmd_eval_stats(source: str, out: str, inception: Optional[str] = None, batch
         Exit code: 0 on success, 2 on a missing or malformed input (message on stderr).
     """
     try:
-        run = inception_stats(source, inception_path=inception, batch_size=batch_size, progress=progress,
+        _check_images("--samples", source)
+        _check_out_file("--out", out)
+        model = _load_inception(inception)
+        run = inception_stats(source, model=model, batch_size=batch_size, progress=progress,
                               with_logits=False)
         if run.n < 2:
             raise ValueError(f"{source}: reference statistics need at least 2 images, got {run.n}")

@@ -140,7 +140,7 @@ def iter_samples_npz(path: PathLike, batch_size: int) -> Iterator[np.ndarray]:
     with _samples_member(path) as (stream, header):
         if header is not None and not header[1]:
             shape, _, dtype = header
-            check_nhwc_uint8(np.empty((0,) + tuple(shape[1:]), dtype), source)
+            check_nhwc_uint8(np.broadcast_to(np.zeros((), dtype), shape), source)  # the stored shape, no memory
             row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
             for start in range(0, shape[0], batch_size):
                 rows = min(batch_size, shape[0] - start)

@@ -17,7 +17,6 @@ A *series* is one precision curve: setting + format (+ method when it is not RTN
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import re
@@ -26,10 +25,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 from scipy import optimize
 
+from bitlaws.laws.results_file import RESULTS_FILE, read_results  # noqa: F401  (RESULTS_FILE: re-exported)
+
 BASELINE_SETTING = "W16A16"
 FLOAT_BITS = 16
 DEFAULT_METRIC_NAME = "FID"
-RESULTS_FILE = "results.jsonl"
 _SETTING_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 _ALPHA_BOUNDS = (-4.0, 8.0)
 _MIN_DISTINCT_FOR_FULL_FIT = 3
@@ -129,35 +129,17 @@ def _check_axis(axis: str) -> str:
 
 
 def load_results(path_or_dir: Union[str, pathlib.Path]) -> list[dict]:
-    """Reads a sweep's ``results.jsonl`` (or the file inside a directory).
+    """The rows of a sweep's ``results.jsonl`` (or the file inside a directory), read-only.
 
-    Blank lines are skipped; a truncated last line without its newline (a writer killed mid-line) is ignored;
-    any other undecodable line is an error. When a key appears more than once the last row wins.
+    See `bitlaws.laws.results_file.read_results` (which also returns notices about skipped lines): a cut-off
+    last line is skipped, any other unreadable line is an error naming the file and line. When a key appears
+    more than once the last row wins.
 
     Raises:
         FileNotFoundError: No results file there.
-        ValueError: A corrupt line in the middle of the file.
+        ValueError: A line in the file that is not UTF-8, not JSON or not a JSON object.
     """
-    path = pathlib.Path(path_or_dir)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no sweep results at {path}")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows: dict[str, dict] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            is_unterminated_tail = number == len(lines) and not text.endswith("\n")
-            if is_unterminated_tail:
-                continue
-            raise ValueError(f"{path}:{number}: corrupt results line ({e})") from e
-        rows[str(row.get("key", f"line-{number}"))] = row
-    return list(rows.values())
+    return read_results(path_or_dir).rows
 
 
 def as_rows(rows_or_path: RowsLike) -> list[dict]:

@@ -15,6 +15,7 @@ from bitlaws.laws import pareto
 from bitlaws.laws.fit import (BASELINE_SETTING, BivariateFit, Cell, LawFits, PowerLawFit, RowsLike, as_rows,
                               cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
                               series_of)
+from bitlaws.laws.results_file import read_results
 
 REPORT_FILE = "report.md"
 _SAMPLE_KEYS = ("n_samples", "num_samples", "samples")
@@ -51,11 +52,13 @@ def _distinct(cells: Sequence[Cell], key: str) -> list[str]:
     return sorted({str(c.raw[key]) for c in cells if c.raw.get(key) is not None})
 
 
-def _provenance(cells: Sequence[Cell], n_rows: int, fits: LawFits, source: Optional[str]) -> list[str]:
+def _provenance(cells: Sequence[Cell], n_rows: int, fits: LawFits, source: Optional[str],
+                notices: Sequence[str] = ()) -> list[str]:
     metric = metric_name(cells)
     lines = ["## How the numbers were produced", ""]
     lines.append(f"* Source: {source or 'rows passed in memory'}; {n_rows} rows, {len(cells)} usable cells "
                  f"(rows without a finite positive metric, MT or CT are left out).")
+    lines += [f"* Skipped: {notice}." for notice in notices]
     lines.append(f"* Metric: **{metric}**, lower is better.")
     samples = sorted({str(c.raw[k]) for c in cells for k in _SAMPLE_KEYS if c.raw.get(k) is not None})
     if samples:
@@ -244,7 +247,8 @@ def _samples_section(cells: Sequence[Cell], samples_root: Optional[pathlib.Path]
 def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, pathlib.Path],
                  fits: Optional[LawFits] = None, plots: Sequence[pathlib.Path] = (),
                  source: Optional[str] = None, n_boot: int = 200, seed: int = 0,
-                 samples_root: Optional[Union[str, pathlib.Path]] = None) -> pathlib.Path:
+                 samples_root: Optional[Union[str, pathlib.Path]] = None,
+                 notices: Sequence[str] = ()) -> pathlib.Path:
     """Writes ``out_dir/report.md`` and returns its path.
 
     Args:
@@ -257,6 +261,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
         seed: Bootstrap seed when fitting here.
         samples_root: Folder that records' ``samples_image`` paths are relative to (the sweep folder); when
             given, a Samples section shows each family's largest model at every precision.
+        notices: What reading the rows skipped (`ResultsRead.notices`), listed in the provenance section.
 
     Raises:
         ValueError: No usable cells.
@@ -278,7 +283,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
     lines = ["# Bit-level scaling laws: report", "",
              f"Families: {families}. Precisions: "
              + ", ".join(sorted({s for f in families_of(cells) for s in series_of(cells, f)})) + ".", ""]
-    lines += _provenance(cells, n_rows, fits, source)
+    lines += _provenance(cells, n_rows, fits, source, notices)
     lines += _verdict_section(cells, fits)
     png = [pathlib.Path(p) for p in plots if pathlib.Path(p).suffix == ".png"]
     if png:
@@ -298,11 +303,12 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisOutputs:
-    """What `analyze` wrote."""
+    """What `analyze` wrote, and what it skipped while reading the results (``notices``, also in the report)."""
 
     report: pathlib.Path
     plots: tuple[pathlib.Path, ...]
     fits: LawFits
+    notices: tuple[str, ...] = ()
 
 
 def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, pathlib.Path]] = None, *,
@@ -312,19 +318,31 @@ def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, path
     Args:
         results: ``results.jsonl`` or the sweep directory holding it.
         out_dir: Where to write (default: the sweep directory).
-        n_boot: Bootstrap resamples.
+        n_boot: Bootstrap resamples (>= 0).
         seed: Bootstrap seed.
+
+    The results file is only read (see `bitlaws.laws.results_file`); a cut-off last line is skipped and
+    named in ``notices`` and in the report.
+
+    Raises:
+        FileNotFoundError: no results there.
+        ValueError: bad arguments, an unreadable results line (file and line named), no usable cells, or an
+            output path that is a file (all before anything is written).
     """
     from bitlaws.laws.plots import plot_scaling  # pylint: disable=g-import-not-at-top  (matplotlib is optional)
 
+    if n_boot < 0:
+        raise ValueError(f"n_boot (bootstrap resamples) must be >= 0, got {n_boot}")
     results = pathlib.Path(results)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else (results if results.is_dir() else results.parent)
-    rows = as_rows(results)
-    cells = cells_from_rows(rows)
+    read = read_results(results)
+    cells = cells_from_rows(read.rows)
     if not cells:
-        raise ValueError(f"no usable cells in {results}")
+        raise ValueError(f"no usable cells in {read.path}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"report output folder {out_dir} is an existing file")
     fits = fit_all(cells, n_boot=n_boot, seed=seed)
     plots = plot_scaling(cells, out_dir, fits)
-    report = write_report(rows, out_dir, fits=fits, plots=plots, source=str(results),
-                          samples_root=results if results.is_dir() else results.parent)
-    return AnalysisOutputs(report, tuple(plots), fits)
+    report = write_report(read.rows, out_dir, fits=fits, plots=plots, source=str(results),
+                          samples_root=results if results.is_dir() else results.parent, notices=read.notices)
+    return AnalysisOutputs(report, tuple(plots), fits, read.notices)

@@ -1,7 +1,7 @@
 """Convert official PyTorch checkpoints into orbax checkpoints of our NNX models, and load them back.
 
-``bitlaws port KIND --ckpt PATH --out DIR [--config CONFIG] [--key KEY]`` calls `convert`; `load_ported`
-rebuilds the model from the constructor arguments stored next to the weights. Kinds:
+``bitlaws port KIND --ckpt PATH --out DIR [--config CONFIG] [--key KEY] [--force]`` calls `convert`;
+`load_ported` rebuilds the model from the constructor arguments stored next to the weights. Kinds:
 
 =========== ======================================== ============================================
 kind        official file                             constructor from
@@ -12,12 +12,17 @@ kind        official file                             constructor from
 ``vae``     sd-vae-ft-ema ``diffusion_pytorch_model`` ``configs/models/sd_vae_ft_ema.py`` (default)
 ``inception`` ``pt_inception-2015-12-05-6726825d.pth`` none
 =========== ======================================== ============================================
+
+The output folder must be new, empty, or (with ``force``) hold an earlier port, which is replaced; any other
+non-empty folder is refused. Everything that can be checked without the weights (the output folder, the
+config and its sections, the checkpoint path) is checked before the checkpoint is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -60,18 +65,46 @@ class Kind:
         port: ``(state_dict, ctor) -> model``.
         build: ``ctor -> model`` (evaluated abstractly when loading).
         default_config: Config used when the user gives none (None: a config is required).
+        sections: Config sections `ctor_from_config` reads (``("var", "vqvae")``).
+        model_class: ``() -> the model class`` whose constructor the ctor must fit (None: not checked).
     """
 
     ctor_from_config: Callable[[Optional[ml_collections.ConfigDict]], dict]
     port: Callable[[Mapping, dict], nnx.Module]
     build: Callable[[dict], nnx.Module]
     default_config: Optional[str] = None
+    sections: tuple[str, ...] = ()
+    model_class: Optional[Callable[[], type]] = None
 
 
 def _var_ctor(config):
     from bitlaws.models.var import var_ctor_kwargs  # pylint: disable=g-import-not-at-top
 
     return _plain(var_ctor_kwargs(model_ctor(config.var), model_ctor(config.vqvae)))
+
+
+def _var_class():
+    from bitlaws.models.var import VAR  # pylint: disable=g-import-not-at-top
+
+    return VAR
+
+
+def _vqvae_class():
+    from bitlaws.models.vqvae import VQVAE  # pylint: disable=g-import-not-at-top
+
+    return VQVAE
+
+
+def _dit_class():
+    from bitlaws.models.dit import DiT  # pylint: disable=g-import-not-at-top
+
+    return DiT
+
+
+def _vae_class():
+    from bitlaws.models.kl_vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+
+    return AutoencoderKL
 
 
 def _port_var(sd, ctor):
@@ -137,12 +170,90 @@ def _build_inception(ctor):
 
 
 KINDS: dict[str, Kind] = {
-    "var": Kind(_var_ctor, _port_var, _build_var),
-    "vqvae": Kind(lambda c: model_ctor(c.vqvae), _port_vqvae, _build_vqvae),
-    "dit": Kind(lambda c: model_ctor(c.model), _port_dit, _build_dit),
-    "vae": Kind(lambda c: model_ctor(c.model), _port_vae, _build_vae, str(REPO_CONFIGS / "sd_vae_ft_ema.py")),
+    "var": Kind(_var_ctor, _port_var, _build_var, sections=("var", "vqvae"), model_class=_var_class),
+    "vqvae": Kind(lambda c: model_ctor(c.vqvae), _port_vqvae, _build_vqvae, sections=("vqvae",),
+                  model_class=_vqvae_class),
+    "dit": Kind(lambda c: model_ctor(c.model), _port_dit, _build_dit, sections=("model",), model_class=_dit_class),
+    "vae": Kind(lambda c: model_ctor(c.model), _port_vae, _build_vae, str(REPO_CONFIGS / "sd_vae_ft_ema.py"),
+                sections=("model",), model_class=_vae_class),
     "inception": Kind(lambda c: {}, _port_inception, _build_inception, ""),
 }
+
+
+def check_out_dir(out: Union[str, pathlib.Path], force: bool = False) -> None:
+    """Refuses an output folder that `convert` must not write into.
+
+    Args:
+        out: The output folder.
+        force: Allow replacing an earlier port (a folder with ``bitlaws.json`` naming a model kind).
+
+    Raises:
+        ValueError: `out` (or a parent) is a file; `out` holds a port and `force` is False; `out` is a
+            non-empty folder that holds no port (refused even with `force`).
+    """
+    out = pathlib.Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is an existing file" if parent == out else f"is inside {parent}, an existing file"
+                raise ValueError(f"output folder {out} {what}, not a folder")
+            break
+    if not out.is_dir():
+        return
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return
+    kind = _ported_kind(out)
+    if kind is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"output folder {out} is not empty and holds no port ({shown}); choose a new or empty "
+                         f"folder (--force only replaces an earlier port)")
+    if not force:
+        raise ValueError(f"output folder {out} already holds a ported {kind!r} checkpoint; pass --force "
+                         f"(force=True) to replace it")
+
+
+def _ported_kind(directory: pathlib.Path) -> Optional[str]:
+    """The model kind of the port in `directory`, or None if it holds none."""
+    try:
+        metadata = checkpoint.load_metadata(directory)
+    except (FileNotFoundError, ValueError):  # no metadata, or not JSON
+        return None
+    kind = metadata.get("kind") if isinstance(metadata, dict) else None
+    return kind if isinstance(kind, str) and kind in KINDS else None
+
+
+def _ctor_for(kind: str, spec: Kind, config_spec: str) -> dict[str, Any]:
+    """Loads `config_spec` and returns the constructor of `kind` from it, checked against the model class.
+
+    Raises:
+        ValueError: the config lacks a section `kind` needs, or its section does not fit the model's
+            constructor (unknown or missing arguments are named).
+    """
+    config = configlib.load_config(config_spec) if config_spec else None
+    if config is not None and spec.sections:
+        missing = [name for name in spec.sections if name not in config]
+        if missing:
+            raise ValueError(f"config {config_spec!r} has no {', '.join(map(repr, missing))} section, which porting "
+                             f"{kind!r} needs (its sections: {', '.join(sorted(config.keys()))}); is it a config "
+                             f"of another model kind?")
+    ctor = spec.ctor_from_config(config)
+    if spec.model_class is not None:
+        _check_ctor(kind, ctor, spec.model_class(), config_spec)
+    return ctor
+
+
+def _check_ctor(kind: str, ctor: Mapping[str, Any], cls: type, config_spec: str) -> None:
+    params = inspect.signature(cls.__init__).parameters  # NNX modules hide their signature behind a metaclass
+    named = {name for name, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "rngs")}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = [] if takes_any else sorted(set(ctor) - named)
+    required = {name for name in named if params[name].default is inspect.Parameter.empty}
+    missing = sorted(required - set(ctor))
+    if unknown or missing:
+        raise ValueError(f"config {config_spec!r} does not describe a {cls.__name__} (porting {kind!r}): "
+                         f"unknown constructor argument(s) {unknown}, missing {missing}")
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -154,21 +265,24 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def convert(kind: str, ckpt: Union[str, pathlib.Path], out: Union[str, pathlib.Path],
-            config: Optional[str] = None, key: Optional[str] = None) -> pathlib.Path:
+            config: Optional[str] = None, key: Optional[str] = None, *, force: bool = False) -> pathlib.Path:
     """Reads an official checkpoint (torch-free), ports it and writes an orbax checkpoint to `out`.
 
     Args:
         kind: ``var``, ``vqvae``, ``dit``, ``vae`` or ``inception``.
         ckpt: The official weight file (``.pth/.pt/.bin``, ``.safetensors`` or ``.npz``).
-        out: Output directory (created; an existing checkpoint there is replaced).
+        out: Output directory: new, empty, or holding an earlier port (replaced only with `force`).
         config: ``file.py[:arg]`` giving the constructor (required for var/vqvae/dit).
         key: Sub-dict of a nested checkpoint (e.g. ``ema`` or ``model``).
+        force: Replace an earlier port in `out` (a non-empty folder holding no port is always refused).
 
     Returns:
         The output directory.
 
     Raises:
-        ValueError: unknown kind or missing config; `PortError` when the checkpoint does not fit.
+        ValueError: unknown kind, missing or unfitting config, or an output folder `check_out_dir` refuses
+            (all checked before the checkpoint is read); `PortError` when the checkpoint does not fit.
+        FileNotFoundError: no checkpoint file at `ckpt`.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(KINDS)}")
@@ -177,8 +291,12 @@ def convert(kind: str, ckpt: Union[str, pathlib.Path], out: Union[str, pathlib.P
     if config_spec is None:
         raise ValueError(f"porting {kind!r} needs --config (e.g. {REPO_CONFIGS.name}/"
                          f"{'var_d16.py' if kind in ('var', 'vqvae') else 'dit_xl2.py'}) for the model size")
-    ctor = spec.ctor_from_config(configlib.load_config(config_spec) if config_spec else None)
+    check_out_dir(out, force=force)
+    ctor = _ctor_for(kind, spec, config_spec)
     path = pathlib.Path(ckpt)
+    if not path.is_file():
+        what = "is a folder, not a weight file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"checkpoint {str(path)!r} {what}")
     model = spec.port(read_state_dict(path, key=key), ctor)
     metadata = dict(kind=kind, ctor=ctor, source=dict(file=path.name, sha256=_sha256(path), key=key),
                     config=config_spec or None)

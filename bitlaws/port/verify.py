@@ -7,7 +7,9 @@ Usage::
 
 For each array it prints ``max |ours - ref| / max |ref|`` (floats) or whether integers are identical, and
 exits with status 1 if any float array exceeds the tolerance (1e-4 unless ``--tol``) or any integer array
-differs. Fixtures this version does not know yet are skipped with a message. Matmuls run at
+differs. Fixtures this version does not know yet are skipped with a message. A run that checks nothing (no
+folder or manifest, a manifest without fixtures, only unknown fixtures, ``--only`` naming none of the
+listed ones) is an error: one line on stderr, exit status 2. Matmuls run at
 ``jax_default_matmul_precision='highest'``: bf16/TF32 matmuls would flip sampled tokens.
 """
 
@@ -79,20 +81,52 @@ def compare(fixture: str, name: str, ours, ref) -> Comparison:
     return Comparison(fixture, name, False, float(diff.max(initial=0)), float(np.abs(ref).max(initial=0)))
 
 
+class FixtureFolderError(ValueError):
+    """A fixture folder that cannot be verified: an unreadable manifest, or nothing in it to check."""
+
+
 def load_manifest(folder: pathlib.Path) -> dict:
+    """The folder's ``manifest.json``.
+
+    Raises:
+        FileNotFoundError: no such folder, or no manifest in it.
+        FixtureFolderError: the manifest is not a JSON object with a ``fixtures`` mapping.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"fixture folder {folder} not found" if not folder.exists()
+                                else f"{folder} is not a fixture folder (a file, not a folder)")
     path = folder / "manifest.json"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a fixture folder needs its manifest.json")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FixtureFolderError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("fixtures", {}), dict):
+        raise FixtureFolderError(f"{path} must be a JSON object whose 'fixtures' field maps names to entries")
+    return manifest
 
 
 def run_checks(folder, only: Optional[Sequence[str]] = None, log=print) -> list[Comparison]:
-    """Runs every known fixture check in `folder`; returns all comparisons (unknown ones are skipped)."""
+    """Runs every known fixture check in `folder`; returns all comparisons (unknown ones are skipped).
+
+    Raises:
+        FileNotFoundError: see `load_manifest`.
+        FixtureFolderError: a bad manifest (see `load_manifest`), or no comparison was made (the message says
+            why).
+    """
+    folder = pathlib.Path(folder)
+    manifest = load_manifest(folder)
+    listed = list(manifest.get("fixtures", {}))
+    if not listed:
+        raise FixtureFolderError(f"{folder / 'manifest.json'} lists no fixtures: nothing was checked")
+    if only and not set(only) & set(listed):
+        raise FixtureFolderError(f"--only {' '.join(only)}: {folder / 'manifest.json'} lists none of them "
+                                  f"(it lists {', '.join(listed)}): nothing was checked")
     import jax  # pylint: disable=g-import-not-at-top
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    folder = pathlib.Path(folder)
-    manifest = load_manifest(folder)
     results: list[Comparison] = []
     for fixture in manifest.get("fixtures", {}):
         if only and fixture not in only:
@@ -105,6 +139,9 @@ def run_checks(folder, only: Optional[Sequence[str]] = None, log=print) -> list[
             log(f"skip {fixture}: this version of bitlaws has no check for the '{fixture}' fixture yet")
             continue
         results.extend(module.check(folder, manifest))
+    if not results:
+        raise FixtureFolderError(f"no fixture of {folder / 'manifest.json'} has a check in this version of "
+                                  f"bitlaws: nothing was checked")
     return results
 
 
@@ -114,7 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", nargs="*", choices=KNOWN_FIXTURES, help="check only these fixtures")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="max relative error for floats")
     args = parser.parse_args(argv)
-    results = run_checks(args.folder, args.only)
+    try:
+        results = run_checks(args.folder, args.only)
+    except (FileNotFoundError, FixtureFolderError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     for r in results:
         print(r.line(args.tol))
     failed = [r for r in results if not r.passed(args.tol)]

@@ -9,8 +9,9 @@ For every parameter tensor with N values:
   ``16 · N`` model bits and ``16 · 16 · N`` compute bits.
 
 ``storage_bytes`` is what the weights really occupy when deployed: packed values + scales + zero points
-for quantized kernels (exactly `QArray.nbytes`, computed without materialising it), and 2 bytes per
-value for everything else.
+for quantized kernels (measured from the live `QArray`s of a packed model; for rules or fake/baked models,
+computed analytically by `qarray_nbytes`, which equals `QArray.nbytes`), and 2 bytes per value for
+everything else.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def qarray_nbytes(shape: Sequence[int], spec: QuantSpec, reduce_axes: Optional[S
     columns = 1 if spec.granularity == "tensor" else n
     scale_bytes = 1 if fmt.is_mx else {"float16": 2, "bfloat16": 2, "float32": 4}[spec.scale_dtype]
     zero_bytes = 1 if isinstance(fmt, formats.IntFormat) and not fmt.signed else 0
-    return values + groups * columns * (scale_bytes + zero_bytes)
+    scale_exp_bytes = 2 if not fmt.is_mx and spec.scale_dtype == "float16" else 0  # int16 per tensor
+    table_bytes = fmt.table_nbytes if isinstance(fmt, formats.LutFormat) else 0
+    return values + groups * columns * (scale_bytes + zero_bytes) + scale_exp_bytes + table_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,10 @@ def bit_accounting(model: nnx.Module, rules: Optional[Sequence[QuantRule]] = Non
             a_spec = layer.quant.act if layer.quant.quantizes_acts else None
         bits_w = w_spec.bits if w_spec else FLOAT_BITS
         bits_a = a_spec.bits if a_spec else FLOAT_BITS
-        storage = qarray_nbytes(shape, w_spec) if w_spec else n * FLOAT_BITS // 8
+        if layer.qkernel is not None and assignments is None:
+            storage = int(layer.qkernel.get_value().nbytes)  # measured: the live packed arrays
+        else:
+            storage = qarray_nbytes(shape, w_spec) if w_spec else n * FLOAT_BITS // 8
         layers.append(LayerBits(path, n, bits_w, bits_a, storage))
         if layer.qkernel is not None:
             packed_kernel_params += n  # a packed kernel is a QWeight, not an nnx.Param

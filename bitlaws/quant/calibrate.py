@@ -7,7 +7,10 @@ Everything here works on the *grouped view* of a tensor, a 3-D array ``[G, L, C]
 * ``group``:   ``[K/g, g, N]``, statistics over axis 1, scale ``[K/g, 1, N]``.
 
 A calibrator maps the grouped view to a clipping range ``(lo, hi)`` (each ``[G, 1, C]``); `range_to_params`
-turns a range into the format's scale and zero point.
+turns a range into the format's scale and zero point; `group_params` does both, guarding non-finite values.
+Scales travel as float32 *effective* scales (what their storage decodes to); `encode_scale` / `decode_scale`
+convert to and from storage. The scale policy (storage precision, floors, NaN) is stated below, above
+`range_to_params`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ Calibrator = Callable[[jax.Array, "QuantSpec"], tuple[jax.Array, jax.Array]]  # 
 CALIBRATORS: dict[str, Calibrator] = {}
 
 
-def register_calibrator(name: str) -> Callable[[Calibrator], Calibrator]:
-    """Registers `fn(grouped [G, L, C], spec) -> (lo, hi)` under `name` for `QuantSpec.calibrator`."""
+def register_calibrator(name: str, *, replace: bool = False) -> Callable[[Calibrator], Calibrator]:
+    """Decorator: registers `fn(grouped [G, L, C], spec) -> (lo, hi)` under `name` for `QuantSpec.calibrator`.
+
+    Re-registering the same function (or a re-run of its definition) is allowed; a different function under a
+    taken name, built-in ones included, needs ``replace=True`` (see `bitlaws.quant.registry`).
+    """
+    from bitlaws.quant import registry  # pylint: disable=g-import-not-at-top
 
     def wrap(fn: Calibrator) -> Calibrator:
-        if name in CALIBRATORS:
-            raise ValueError(f"calibrator {name!r} is already registered")
+        registry.check_register("calibrator", name, CALIBRATORS.get(name), fn, replace)
         CALIBRATORS[name] = fn
         return fn
 
@@ -92,14 +99,96 @@ def _is_symmetric(fmt: formats.QFormat) -> bool:
     return not (isinstance(fmt, formats.IntFormat) and not fmt.signed)
 
 
-def _store_scale(scale: jax.Array, spec) -> jax.Array:
-    """Rounds a float32 scale to its storage dtype, never downwards (so the range stays covered)."""
-    dtype = jnp.dtype(spec.scale_dtype)
-    info = jnp.finfo(dtype)
-    scale = jnp.clip(scale, float(info.smallest_normal), float(info.max))
+# ---------------------------------------------------------------------------------------------- scales
+#
+# Scale policy (what a stored scale can and cannot do to the error).
+#
+# Scales are computed in float32 and carried through quantize / dequantize as float32 *effective* scales:
+# the exact value the stored scale decodes to. How they are stored depends on `QuantSpec.scale_dtype`:
+#
+# * ``float16`` (default): each scale is stored as a float16 mantissa times one power-of-two exponent
+#   ``scale_exp`` per tensor (an int16, 2 bytes, counted in `QArray.nbytes`). The exponent puts the
+#   tensor's largest scale in (2^14, 2^15], so every scale keeps float16's 11 significant bits whatever
+#   the tensor's magnitude (std 1e-6 and 1e6 quantize with the same relative error as std 1), and none
+#   overflows. Scales more than about 2^28 below the tensor's largest are floored (their groups are then
+#   quantized with that floor: an absolute error below 2^-28 of the tensor's largest scale).
+# * ``bfloat16``: float32's range, 8 significant bits (the scale may be up to 2^-8 larger than needed).
+# * ``float32``: as computed.
+#
+# In every case a scale is rounded *up* to its storage precision (so the clipping range stays covered)
+# and floored at float32's smallest normal number, 2^-126 (CPUs flush subnormals to zero, and a zero
+# scale would turn 0/0 into NaN). Values whose magnitude is below about 2^-126 * qmax quantize to zero.
+#
+# Non-finite values: a group that contains a NaN or an infinity gets a NaN scale, so its whole group
+# dequantizes to NaN in `fake_quant` and in `dequantize(quantize(.))` alike (float16/bfloat16/float32
+# NaN, and E8M0's NaN code 0xFF for MX). The other groups are computed from their own (finite) values,
+# so one outlier never zeroes the rest of a tensor. `quantize_model` refuses kernels with non-finite
+# values outright and names the layers.
+
+_F32_TINY = 2.0**-126
+_F16_TOP_EXP = 15  # the largest scale of a tensor is stored in (2^14, 2^15]
+_F16_MIN_EXP = -14  # float16's smallest normal exponent
+E8M0_NAN = 255
+
+
+def _exp2(exponent: jax.Array) -> jax.Array:
+    """``2.0 ** exponent`` for integer exponents in [-126, 127], built from the bits (exact; `jnp.exp2` is not)."""
+    biased = (jnp.asarray(exponent).astype(jnp.int32) + 127) << 23
+    return jax.lax.bitcast_convert_type(biased, jnp.float32)
+
+
+def _shift(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x * 2**exponent`` for a scalar integer exponent in [-300, 300], exact while the result is normal.
+
+    The exponent is split in two halves so neither power of two overflows float32.
+    """
+    exponent = exponent.astype(jnp.int32)
+    half = exponent // 2
+    return x * _exp2(half) * _exp2(exponent - half)
+
+
+def _ceil_log2(x: jax.Array) -> jax.Array:
+    """Exact ``ceil(log2(x))`` for positive normal float32 `x`, as int32 (frexp, not a rounded log)."""
+    mantissa, exponent = jnp.frexp(x)  # x = m * 2^e, m in [0.5, 1)
+    return jnp.where(mantissa == 0.5, exponent - 1, exponent).astype(jnp.int32)
+
+
+def _floor_log2(x: jax.Array) -> jax.Array:
+    """Exact ``floor(log2(x))`` for positive normal float32 `x`, as int32."""
+    _, exponent = jnp.frexp(x)
+    return (exponent - 1).astype(jnp.int32)
+
+
+def _round_up_to(scale: jax.Array, dtype) -> jax.Array:
+    """`scale` (float32, within `dtype`'s normal range) rounded up to a `dtype` value, returned as float32."""
     stored = scale.astype(dtype)
     bumped = jnp.nextafter(stored, jnp.asarray(jnp.inf, dtype))
-    return jnp.where(stored.astype(jnp.float32) < scale, bumped, stored)
+    return jnp.where(stored.astype(jnp.float32) < scale, bumped, stored).astype(jnp.float32)
+
+
+def float16_exponent(scale: jax.Array) -> jax.Array:
+    """The per-tensor exponent of float16 scale storage: ``ceil(log2(max finite scale)) - 15``, int32 ``[]``.
+
+    Recomputing it from the effective scales gives the same value, which is what lets `encode_scale` run on
+    scales that were already rounded (`range_to_params` output).
+    """
+    finite = jnp.isfinite(scale)
+    top = jnp.max(jnp.where(finite, scale, 0.0))
+    return _ceil_log2(jnp.maximum(top, _F32_TINY)) - _F16_TOP_EXP
+
+
+def _storage_round(scale: jax.Array, spec) -> jax.Array:
+    """Raw float32 scales (> 0 or NaN) -> effective scales: exactly what their storage decodes to."""
+    nan = jnp.isnan(scale)
+    scale = jnp.maximum(jnp.where(nan, 0.0, scale), _F32_TINY)
+    if spec.scale_dtype == "float16":
+        exponent = float16_exponent(jnp.where(nan, jnp.nan, scale))
+        floor = jnp.maximum(_shift(jnp.float32(1.0), exponent + _F16_MIN_EXP), _F32_TINY)
+        mantissa = _round_up_to(_shift(jnp.maximum(scale, floor), -exponent), jnp.float16)  # <= 2^15
+        scale = _shift(mantissa, exponent)
+    elif spec.scale_dtype == "bfloat16":
+        scale = _round_up_to(jnp.minimum(scale, float(jnp.finfo(jnp.bfloat16).max)), jnp.bfloat16)
+    return jnp.where(nan, jnp.nan, scale)
 
 
 def range_to_params(lo: jax.Array, hi: jax.Array, spec) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -107,12 +196,14 @@ def range_to_params(lo: jax.Array, hi: jax.Array, spec) -> tuple[jax.Array, Opti
 
     * signed int: ``s = max(|lo|, |hi|) / (2^(b-1) - 1)``, no zero point;
     * unsigned int (eq. 5-6): the range is widened to include 0, ``s = (u - l) / (2^b - 1)``,
-      ``z = clip(round(-l / s), 0, 2^b - 1)`` (uint8 storage);
-    * fp: ``s = max|x| / max_normal``;
-    * MX: ``s = 2^(floor(log2 max|x|) - emax_elem)`` (OCP MX v1.0), stored as the biased E8M0 exponent.
+      ``z = clip(round(-l / s), 0, 2^b - 1)`` (uint8);
+    * fp and lookup-table formats: ``s = max|x| / max|grid|``;
+    * MX: ``s = 2^(floor(log2 max|x|) - emax_elem)`` (OCP MX v1.0), exponent clipped to [-126, 127].
 
-    Scales are stored in `spec.scale_dtype` (rounded up) and floored at its smallest normal value, so a
-    constant or all-zero group gives a finite scale and exact zeros instead of NaN/inf.
+    Scales follow the module's scale policy: rounded up to what `spec.scale_dtype` stores, floored at
+    2^-126 (so a constant or all-zero group gives exact zeros, never NaN), and NaN where `lo` or `hi` is not
+    finite (a group with a non-finite value). All scales passed in one call belong to one tensor (the
+    float16 storage exponent is shared by them).
 
     Args:
         lo: ``[G, 1, C]`` lower clipping bound.
@@ -120,31 +211,72 @@ def range_to_params(lo: jax.Array, hi: jax.Array, spec) -> tuple[jax.Array, Opti
         spec: The `QuantSpec`.
 
     Returns:
-        ``(scale, zero_point)``: scale ``[G, 1, C]`` in the storage dtype (uint8 biased exponent for MX);
-        zero_point ``[G, 1, C]`` uint8, or None for symmetric formats.
+        ``(scale, zero_point)``: effective scale ``[G, 1, C]`` float32 (the exact value its storage decodes
+        to, see `encode_scale`); zero_point ``[G, 1, C]`` uint8, or None for symmetric formats.
     """
     fmt = spec.format
     lo = lo.astype(jnp.float32)
     hi = hi.astype(jnp.float32)
+    bad = ~(jnp.isfinite(lo) & jnp.isfinite(hi))
+    lo = jnp.where(bad, 0.0, lo)
+    hi = jnp.where(bad, 0.0, hi)
     if isinstance(fmt, formats.MxFormat):
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        exponent = jnp.floor(jnp.log2(jnp.maximum(amax, 2.0**-126))) - fmt.element.emax
-        return (jnp.clip(exponent, -127, 127) + 127).astype(jnp.uint8), None
+        exponent = _floor_log2(jnp.maximum(amax, _F32_TINY)) - fmt.element.emax
+        scale = _exp2(jnp.clip(exponent, -126, 127))
+        return jnp.where(bad, jnp.nan, scale), None
     if isinstance(fmt, formats.IntFormat) and not fmt.signed:
         lo = jnp.minimum(lo, 0.0)
         hi = jnp.maximum(hi, 0.0)
-        scale = _store_scale((hi - lo) / fmt.qmax, spec)
-        zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, fmt.qmax).astype(jnp.uint8)
+        raw = hi / fmt.qmax - lo / fmt.qmax  # divided first: no overflow for ranges near float32's max
+        scale = _storage_round(jnp.where(bad, jnp.nan, raw), spec)
+        zero = jnp.clip(jnp.round(-lo / jnp.where(bad, 1.0, scale)), 0, fmt.qmax).astype(jnp.uint8)
         return scale, zero
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return _store_scale(amax / fmt.max_normal, spec), None
+    return _storage_round(jnp.where(bad, jnp.nan, amax / fmt.max_normal), spec), None
 
 
-def scale_as_float(scale: jax.Array, fmt: formats.QFormat) -> jax.Array:
-    """The stored scale as float32 (decodes E8M0 for MX formats)."""
+def encode_scale(scale: jax.Array, spec) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Effective float32 scales of one tensor (from `range_to_params`) -> ``(stored, scale_exp)``.
+
+    MX: uint8 biased E8M0 exponents (0xFF = NaN), no `scale_exp`. ``float16``: float16 mantissas and the
+    int16 ``[]`` per-tensor exponent (see the scale policy). ``bfloat16`` / ``float32``: the scales in that
+    dtype, no `scale_exp`. Exact: `decode_scale` returns `scale` bit for bit.
+    """
+    fmt = spec.format
     if isinstance(fmt, formats.MxFormat):
-        return jnp.exp2(scale.astype(jnp.float32) - 127.0)
-    return scale.astype(jnp.float32)
+        nan = jnp.isnan(scale)
+        code = _floor_log2(jnp.where(nan, 1.0, scale)) + 127
+        return jnp.where(nan, E8M0_NAN, code).astype(jnp.uint8), None
+    if spec.scale_dtype == "float16":
+        exponent = float16_exponent(scale)
+        return _shift(scale, -exponent).astype(jnp.float16), exponent.astype(jnp.int16)
+    return scale.astype(spec.scale_dtype), None
+
+
+def decode_scale(stored: jax.Array, scale_exp: Optional[jax.Array], fmt: formats.QFormat) -> jax.Array:
+    """Inverse of `encode_scale`: the effective float32 scales."""
+    if isinstance(fmt, formats.MxFormat):
+        code = stored.astype(jnp.int32)
+        return jnp.where(code == E8M0_NAN, jnp.nan, _exp2(code - 127))
+    scale = stored.astype(jnp.float32)
+    if scale_exp is not None:
+        scale = _shift(scale, scale_exp)
+    return scale
+
+
+def group_params(grouped: jax.Array, spec) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Runs the spec's calibrator on a grouped view ``[G, L, C]``; returns ``(scale, zero)``, each ``[G, 1, C]``.
+
+    Groups holding a non-finite value get a NaN scale (the calibrator sees them with those values zeroed,
+    so its result for the other groups is unaffected).
+    """
+    axes = _stat_axes(spec)
+    finite = jnp.isfinite(grouped)
+    clean = jnp.where(finite, grouped, jnp.zeros((), grouped.dtype))
+    lo, hi = CALIBRATORS[spec.calibrator](clean, spec)
+    bad = ~jnp.all(finite, axis=axes, keepdims=True)
+    return range_to_params(jnp.where(bad, jnp.nan, lo), jnp.where(bad, jnp.nan, hi), spec)
 
 
 def quantize_grouped(grouped: jax.Array, scale: jax.Array, zero: Optional[jax.Array],
@@ -152,9 +284,10 @@ def quantize_grouped(grouped: jax.Array, scale: jax.Array, zero: Optional[jax.Ar
     """Rounds the grouped view onto the format grid. Returns float32 grid values ``[G, L, C]``.
 
     For integer formats these are the integer codes (``q`` of eq. 4, including the zero point); for fp
-    formats the element values in units of the scale.
+    and lookup-table formats the element values in units of the scale. `scale` is the effective float32
+    scale (`range_to_params`); a NaN scale gives NaN.
     """
-    x = grouped.astype(jnp.float32) / scale_as_float(scale, fmt)
+    x = grouped.astype(jnp.float32) / scale
     if zero is not None:
         x = x + zero.astype(jnp.float32)
     return fmt.round(x)
@@ -163,21 +296,22 @@ def quantize_grouped(grouped: jax.Array, scale: jax.Array, zero: Optional[jax.Ar
 def dequantize_grouped(q: jax.Array, scale: jax.Array, zero: Optional[jax.Array],
                        fmt: formats.QFormat) -> jax.Array:
     """Inverse of `quantize_grouped`: ``(q - z) * s`` as float32 ``[G, L, C]``."""
+    del fmt
     if zero is not None:
         q = q - zero.astype(jnp.float32)
-    return q * scale_as_float(scale, fmt)
+    return q * scale
 
 
 def clip_bounds(scale: jax.Array, zero: Optional[jax.Array], fmt: formats.QFormat) -> tuple[jax.Array, jax.Array]:
     """The real-valued interval ``[G, 1, C]`` the quantizer represents without clipping."""
-    s = scale_as_float(scale, fmt)
     if isinstance(fmt, formats.IntFormat):
         z = zero.astype(jnp.float32) if zero is not None else 0.0
-        return (fmt.qmin - z) * s, (fmt.qmax - z) * s
-    return -fmt.max_normal * s, fmt.max_normal * s
+        return (fmt.qmin - z) * scale, (fmt.qmax - z) * scale
+    grid = fmt.grid()
+    return float(grid[0]) * scale, float(grid[-1]) * scale
 
 
 def grid_step(scale: jax.Array, fmt: formats.QFormat) -> jax.Array:
     """Largest distance between neighbouring grid values, in real units, per group ``[G, 1, C]``."""
     grid = fmt.grid()
-    return float(np.max(np.diff(grid))) * scale_as_float(scale, fmt)
+    return float(np.max(np.diff(grid))) * scale

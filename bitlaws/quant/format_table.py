@@ -35,6 +35,27 @@ class FormatRow:
     err_group: Optional[float]
 
 
+def check_size(size: int) -> None:
+    """Raises ValueError unless `size` is a positive multiple of `GROUP_SIZE` (the per-group column's groups)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % GROUP_SIZE:
+        raise ValueError(f"size must be a positive multiple of {GROUP_SIZE} (the per-group column uses groups of "
+                         f"{GROUP_SIZE}), got {size!r}")
+
+
+def check_format_names(names: Iterable[str]) -> list[formats.QFormat]:
+    """Parses every name; raises ONE ValueError naming all unknown ones (and listing the valid names)."""
+    parsed, unknown = [], []
+    for name in names:
+        try:
+            parsed.append(formats.parse_format(name))
+        except (TypeError, ValueError):
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(map(repr, unknown))}; valid formats: "
+                         f"{', '.join(formats.format_names())}")
+    return parsed
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _relative_rms_error(x: jax.Array, spec: QuantSpec) -> jax.Array:
     x_hat, _ = quantize_dequantize(x, spec)
@@ -55,18 +76,19 @@ def format_rows(names: Iterable[str] = TABLE_FORMATS, size: int = 4096, seed: in
 
     Args:
         names: Format names.
-        size: Side of the square test tensor (must be a multiple of 128).
+        size: Side of the square test tensor (a positive multiple of `GROUP_SIZE`, 128).
         seed: PRNG seed of the tensor.
         progress: Show a progress bar.
 
     Returns:
         One `FormatRow` per format.
+
+    Raises:
+        ValueError: a bad `size` or unknown format names (checked before any work).
     """
-    if size % GROUP_SIZE:
-        raise ValueError(f"size must be a multiple of {GROUP_SIZE}, got {size}")
+    check_size(size)
+    fmts = check_format_names(names)
     x = jax.random.normal(jax.random.key(seed), (size, size), jnp.float32)
-    names = list(names)
-    fmts = [formats.parse_format(n) for n in names]
     jobs = [(fmt, gran, spec) for fmt in fmts for gran, spec in _specs(fmt).items() if spec is not None]
     errors: dict[tuple[str, str], float] = {}
     for fmt, gran, spec in tqdm(jobs, desc="quantizing", unit="cell", disable=not progress, leave=False):

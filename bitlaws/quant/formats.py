@@ -23,8 +23,12 @@ fp4_e2m1      1     6      none / none  positive grid {0, .5, 1, 1.5, 2, 3, 4, 6
 ============  ====  =====  ===========  =====================================
 
 All have subnormals. Rounding is round-to-nearest, ties-to-even, saturating at the largest finite value
-(quantizers never produce inf/NaN). ``mxfp8``/``mxfp6``/``mxfp4`` are the same element formats with one
+(finite inputs never become inf/NaN). ``mxfp8``/``mxfp6``/``mxfp4`` are the same element formats with one
 shared power-of-two E8M0 scale per block of 32 elements.
+
+Lookup-table formats (`LutFormat`) hold any ``2^b`` values in units of the scale and round to the nearest
+one; ``nf4`` (QLoRA's NormalFloat-4) is built in. User code adds formats with `register_format`, after
+which `parse_format` (and so `QuantSpec`, rules and configs) accepts their names.
 """
 
 from __future__ import annotations
@@ -41,8 +45,20 @@ MX_BLOCK_SIZE = 32
 E8M0_BITS = 8
 
 
+class _ElementFormat:
+    """Shared by formats without a block scale: bits per value = bits, not MX."""
+
+    @property
+    def bits_per_value(self) -> float:
+        return float(self.bits)
+
+    @property
+    def is_mx(self) -> bool:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
-class IntFormat:
+class IntFormat(_ElementFormat):
     """A `bits`-wide integer format.
 
     Attributes:
@@ -74,14 +90,6 @@ class IntFormat:
         """Largest magnitude a unit scale maps to (the calibrators' target for the range)."""
         return float(self.qmax)
 
-    @property
-    def bits_per_value(self) -> float:
-        return float(self.bits)
-
-    @property
-    def is_mx(self) -> bool:
-        return False
-
     def grid(self) -> np.ndarray:
         """All representable codes in ascending order, as float64 (units of the scale)."""
         return np.arange(self.qmin, self.qmax + 1, dtype=np.float64)
@@ -95,7 +103,7 @@ class IntFormat:
 
 
 @dataclasses.dataclass(frozen=True)
-class FpFormat:
+class FpFormat(_ElementFormat):
     """A small floating-point format with `exp_bits` exponent and `man_bits` mantissa bits plus a sign.
 
     Attributes:
@@ -118,14 +126,6 @@ class FpFormat:
     @property
     def bits(self) -> int:
         return 1 + self.exp_bits + self.man_bits
-
-    @property
-    def bits_per_value(self) -> float:
-        return float(self.bits)
-
-    @property
-    def is_mx(self) -> bool:
-        return False
 
     @property
     def emax(self) -> int:
@@ -230,7 +230,76 @@ class MxFormat:
         return self.name
 
 
-QFormat = Union[IntFormat, FpFormat, MxFormat]
+@dataclasses.dataclass(frozen=True)
+class LutFormat(_ElementFormat):
+    """A lookup-table (codebook) format: ``2^b`` arbitrary values in units of the scale, e.g. NF4.
+
+    Rounding is to the nearest table value (ties to the lower one); storage is the b-bit index of the
+    value, packed like integer codes, and the table itself (float32, ``4 * 2^b`` bytes per tensor) is
+    counted in `QArray.nbytes`. The scale maps the group's absolute maximum to ``max|values|``.
+
+    Attributes:
+        name: The format's name (what `parse_format` accepts once it is registered with `register_format`).
+        values: The ``2^b`` table values (b in 1..8), finite and distinct; stored sorted ascending.
+    """
+
+    name: str
+    values: tuple[float, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"LutFormat.name must be a non-empty string, got {self.name!r}")
+        try:
+            values = np.asarray(self.values, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"LutFormat {self.name!r}: values must be numbers, got {self.values!r}") from e
+        n = values.size
+        if n < 2 or n > 256 or n & (n - 1):
+            raise ValueError(f"LutFormat {self.name!r}: needs 2^b values (b in 1..8), got {n}")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"LutFormat {self.name!r}: values must be finite, got {values.tolist()}")
+        values = np.sort(values)
+        if np.any(np.diff(values) == 0):
+            raise ValueError(f"LutFormat {self.name!r}: values must be distinct, got {values.tolist()}")
+        if np.max(np.abs(values)) == 0:
+            raise ValueError(f"LutFormat {self.name!r}: values must not all be zero")
+        object.__setattr__(self, "values", tuple(float(v) for v in values))
+
+    @property
+    def bits(self) -> int:
+        return int(len(self.values)).bit_length() - 1
+
+    @property
+    def max_normal(self) -> float:
+        """Largest magnitude in the table (the calibrators map the group's absolute maximum to it)."""
+        return float(max(abs(self.values[0]), abs(self.values[-1])))
+
+    @property
+    def table_nbytes(self) -> int:
+        """Bytes of the stored table (float32)."""
+        return 4 * len(self.values)
+
+    def grid(self) -> np.ndarray:
+        return np.asarray(self.values, dtype=np.float64)
+
+    def round(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Nearest table value (ties to the lower value; beyond the ends: the end values; NaN stays NaN)."""
+        x = jnp.asarray(x)
+        table = jnp.asarray(self.values, x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+        midpoints = (table[1:] + table[:-1]) / 2
+        index = jnp.searchsorted(midpoints, x, side="left")
+        return jnp.where(jnp.isnan(x), jnp.nan, table[index])
+
+    def codes(self, q: jnp.ndarray) -> jnp.ndarray:
+        """Table values (output of `round`) -> uint8 indices."""
+        table = jnp.asarray(self.values, jnp.float32)
+        return jnp.clip(jnp.searchsorted(table, q.astype(jnp.float32)), 0, len(self.values) - 1).astype(jnp.uint8)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+QFormat = Union[IntFormat, FpFormat, MxFormat, LutFormat]
 
 FP8_E4M3 = FpFormat(4, 3, bias=7, ieee_specials=False, nan_uses_top_mantissa=True, name="fp8_e4m3")
 FP8_E5M2 = FpFormat(5, 2, bias=15, ieee_specials=True, nan_uses_top_mantissa=False, name="fp8_e5m2")
@@ -251,13 +320,54 @@ _MX_FORMATS = {
         "mxfp4": MxFormat(FP4_E2M1, "mxfp4"),
 }
 
+# NF4 (QLoRA): the 16 quantiles of a standard normal, normalised to [-1, 1], with an exact zero.
+NF4 = LutFormat("nf4", (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0))
+_LUT_FORMATS = {NF4.name: NF4}
+
+# Formats added from user code with `register_format` (names are case-insensitive).
+_USER_FORMATS: dict[str, QFormat] = {}
+
 _INT_PATTERN = re.compile(r"(u?)int(\d+)")
+
+
+def _builtin_names() -> list[str]:
+    ints = [f"int{b}" for b in range(2, 9)] + [f"uint{b}" for b in range(2, 9)]
+    return ints + list(_FP_FORMATS) + list(_MX_FORMATS) + list(_LUT_FORMATS)
+
+
+def register_format(fmt: QFormat, *, replace: bool = False) -> QFormat:
+    """Makes `fmt` known to `parse_format` (and so to `QuantSpec`, rules and sweep configs) by its name.
+
+    Args:
+        fmt: An `IntFormat`, `FpFormat`, `MxFormat` or `LutFormat` whose ``name`` is not a built-in name.
+        replace: Replace a different format registered earlier under the same name. Registering an equal
+            format again is always allowed (re-running a notebook cell).
+
+    Returns:
+        `fmt`.
+
+    Raises:
+        ValueError: the name is a built-in format, or is taken by a different format and `replace` is False.
+    """
+    if not isinstance(fmt, (IntFormat, FpFormat, MxFormat, LutFormat)):
+        raise TypeError(f"register_format needs a format object, got {type(fmt).__name__}")
+    name = fmt.name.strip().lower()
+    if name in _builtin_names() or _INT_PATTERN.fullmatch(name):
+        raise ValueError(f"format name {fmt.name!r} is built in; register the format under another name")
+    if name in _USER_FORMATS and _USER_FORMATS[name] != fmt and not replace:
+        raise ValueError(f"format {fmt.name!r} is already registered as {_USER_FORMATS[name]!r}; pass "
+                         f"replace=True to replace it")
+    _USER_FORMATS[name] = fmt
+    return fmt
 
 
 def format_names() -> list[str]:
     """Every name `parse_format` accepts, in a stable display order."""
-    ints = [f"int{b}" for b in range(2, 9)] + [f"uint{b}" for b in range(2, 9)]
-    return ints + list(_FP_FORMATS) + list(_MX_FORMATS)
+    return _builtin_names() + sorted(_USER_FORMATS)
 
 
 def parse_format(spec: Union[str, QFormat]) -> QFormat:
@@ -267,12 +377,12 @@ def parse_format(spec: Union[str, QFormat]) -> QFormat:
         spec: A format name (case-insensitive) or an already-built format, which is returned unchanged.
 
     Returns:
-        An `IntFormat`, `FpFormat` or `MxFormat`; each has ``.grid()``, ``.round()``, ``.bits``.
+        An `IntFormat`, `FpFormat`, `MxFormat` or `LutFormat`; each has ``.grid()``, ``.round()``, ``.bits``.
 
     Raises:
         ValueError: for an unknown name; the message lists every valid name.
     """
-    if isinstance(spec, (IntFormat, FpFormat, MxFormat)):
+    if isinstance(spec, (IntFormat, FpFormat, MxFormat, LutFormat)):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"format must be a string or a format object, got {type(spec).__name__}")
@@ -284,6 +394,10 @@ def parse_format(spec: Union[str, QFormat]) -> QFormat:
         return _FP_FORMATS[name]
     if name in _MX_FORMATS:
         return _MX_FORMATS[name]
+    if name in _LUT_FORMATS:
+        return _LUT_FORMATS[name]
+    if name in _USER_FORMATS:
+        return _USER_FORMATS[name]
     raise ValueError(f"unknown quantization format {spec!r}; valid formats: {', '.join(format_names())}")
 
 

@@ -18,6 +18,7 @@ Variables per layer:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import jax
@@ -61,14 +62,39 @@ class QuantizedLayer(nnx.Module):
         self.act_qparams: Optional[ActQParamsVar] = nnx.data(None)
         self.input_scale: Optional[InputScale] = nnx.data(None)
 
+    def set_view(self, quant_mode: Optional[str] = None) -> None:
+        """`nnx.view` hook: ``nnx.view(model, quant_mode="fp")`` switches every quantized layer's mode.
+
+        Layers without weight or activation specs stay in ``fp``; the storage check of `weight_operand` still
+        applies to the view (see `bitlaws.quant.transform.with_mode`, which names refused layers up front).
+        """
+        if quant_mode is None or (self.quant.weight is None and self.quant.act is None):
+            return
+        self.quant = dataclasses.replace(self.quant, mode=quant_mode)
+
     @property
     def weight_operand(self):
-        """The kernel the seam should use: the packed `QArray` if present, else the float kernel."""
-        if self.qkernel is not None:
+        """The kernel the seam should use: the packed `QArray` in ``packed`` mode, else the float kernel.
+
+        This is the one place where mode and storage must agree: a layer labelled ``packed`` without a
+        packed kernel, or holding a packed kernel in another mode, raises instead of computing something else.
+        """
+        packed = self.quant.mode == "packed"
+        if packed != (self.qkernel is not None):
+            holds = "a packed kernel" if self.qkernel is not None else "no packed kernel"
+            raise ValueError(f"{type(self).__name__} is in {self.quant.mode!r} mode but holds {holds}; build "
+                             f"quantized models with quantize_model and switch modes with with_mode")
+        if packed:
             return self.qkernel.get_value()
         if self.kernel is None:
             raise ValueError(f"{type(self).__name__} has neither a float nor a packed kernel")
         return self.kernel[...]
+
+    def _input(self, x: jax.Array) -> jax.Array:
+        """Divides by the smoothing `InputScale` (if any), so statistics and quantizers see what the matmul sees."""
+        if self.input_scale is None:
+            return x
+        return x / self.input_scale.get_value().astype(x.dtype)
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -106,9 +132,10 @@ class QLinear(QuantizedLayer):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[..., in] -> [..., out]``."""
+        x = self._input(x)
         self._observe(x)
         return seam.qdot(x, self.weight_operand, self.quant, bias=_value(self.bias),
-                         act_params=_value(self.act_qparams), input_scale=_value(self.input_scale))
+                         act_params=_value(self.act_qparams))
 
 
 def _pairs(value: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -172,11 +199,11 @@ class QConv(QuantizedLayer):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, H', W', O]``."""
+        x = self._input(x)
         if self.quant.mode == "calibrate" and self.quant.record_hessian:
             self._observe(x, self.patches(x))
         else:
             self._observe(x)
         return seam.qconv(x, self.weight_operand, self.quant, strides=self.strides, padding=self.padding,
                           dilation=self.dilation, feature_group_count=self.feature_group_count,
-                          bias=_value(self.bias), act_params=_value(self.act_qparams),
-                          input_scale=_value(self.input_scale))
+                          bias=_value(self.bias), act_params=_value(self.act_qparams))

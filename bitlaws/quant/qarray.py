@@ -8,7 +8,16 @@ the front and flattened to K, the rest to N. Then
   three bytes, ...), int8/uint8 as is, fp8 as ``ml_dtypes`` float8, fp6/fp4 as packed bit codes;
 * ``scale``: ``[G, C]`` in the spec's scale dtype (E8M0 exponents as uint8 for MX), G = K / group_size
   for ``group`` and 1 otherwise, C = 1 for ``tensor`` and N otherwise;
+* ``scale_exp``: ``[]`` int16, the per-tensor power of two of float16 scales (``scale * 2**scale_exp`` is
+  the real scale; see the scale policy in `calibrate`), else None;
 * ``zero_point``: ``[G, C]`` uint8 for unsigned integer formats, else None.
+
+Lookup-table formats store b-bit indices into their table; the table is part of the (static) spec and its
+bytes are counted in `QArray.nbytes`.
+
+Input checks. `quantize`, `fake_quant` and `quantize_dequantize` raise ValueError for a 0-d or empty
+tensor and for ``reduce_axes`` outside the tensor's dimensions. Non-finite values follow the scale policy
+of `calibrate`: their group dequantizes to NaN in the fake and the packed path alike.
 
 Packing along K keeps every output column independent, which is what a matmul kernel tiling over N and
 streaming over K wants.
@@ -31,13 +40,40 @@ _FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
 
 def normalize_axes(reduce_axes: Optional[Sequence[int]], ndim: int) -> tuple[int, ...]:
-    """Sorted non-negative reduce axes; default: every axis but the last (all axes of a 1-D tensor)."""
+    """Sorted non-negative reduce axes; default: every axis but the last (all axes of a 1-D tensor).
+
+    Raises:
+        ValueError: `reduce_axes` is empty, names an axis outside ``[-ndim, ndim)``, repeats an axis, or
+            holds a non-integer.
+    """
+    if ndim < 1:
+        raise ValueError(f"reduce_axes: a 0-d tensor has no axis to reduce; quantize at least a 1-d array")
     if reduce_axes is None:
         return tuple(range(max(ndim - 1, 1)))
-    axes = tuple(sorted({a % ndim for a in reduce_axes}))
+    if isinstance(reduce_axes, (int, np.integer)):
+        reduce_axes = (reduce_axes,)
+    axes = tuple(reduce_axes)
     if not axes:
         raise ValueError("reduce_axes must name at least one axis")
-    return axes
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise ValueError(f"reduce_axes must hold integers, got {reduce_axes!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"reduce_axes={tuple(reduce_axes)!r}: axis {a} is out of range for a {ndim}-d tensor")
+    normalized = tuple(sorted({int(a) % ndim for a in axes}))
+    if len(normalized) != len(axes):
+        raise ValueError(f"reduce_axes={tuple(reduce_axes)!r} names an axis twice")
+    return normalized
+
+
+def check_tensor(x: jax.Array, what: str = "x") -> None:
+    """Raises ValueError for a 0-d or empty tensor, or a non-floating dtype (the message names `what`)."""
+    if x.ndim == 0:
+        raise ValueError(f"{what} is a 0-d array; quantization needs at least one axis (reshape it to (1,))")
+    if x.size == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{what} must be a floating-point array, got dtype {x.dtype}")
 
 
 def to_view(x: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
@@ -65,9 +101,11 @@ def group_view(v: jax.Array, spec: QuantSpec, what: str = "tensor") -> jax.Array
 
 
 def compute_params(grouped: jax.Array, spec: QuantSpec) -> tuple[jax.Array, Optional[jax.Array]]:
-    """Runs the spec's calibrator on a grouped view and returns ``(scale, zero)``, each ``[G, 1, C]``."""
-    lo, hi = calibrate.CALIBRATORS[spec.calibrator](grouped, spec)
-    return calibrate.range_to_params(lo, hi, spec)
+    """Runs the spec's calibrator on a grouped view and returns ``(scale, zero)``, each ``[G, 1, C]``.
+
+    The scale is the effective float32 scale (see `calibrate.group_params`).
+    """
+    return calibrate.group_params(grouped, spec)
 
 
 @jax.tree_util.register_dataclass
@@ -77,8 +115,9 @@ class QArray:
 
     Attributes:
         values: Packed codes of the ``[K, N]`` view (see the module docstring).
-        scale: ``[G, C]`` scales (float16/bfloat16/float32, or uint8 E8M0 exponents for MX).
+        scale: ``[G, C]`` stored scales (float16/bfloat16/float32, or uint8 E8M0 exponents for MX).
         zero_point: ``[G, C]`` uint8 zero points (unsigned int formats) or None.
+        scale_exp: ``[]`` int16 power of two applied to float16 scales, or None.
         spec: The `QuantSpec` used (static).
         shape: Shape of the original tensor (static).
         reduce_axes: Axes that share a scale (static).
@@ -88,6 +127,7 @@ class QArray:
     values: jax.Array
     scale: jax.Array
     zero_point: Optional[jax.Array]
+    scale_exp: Optional[jax.Array]
     spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     reduce_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
@@ -104,11 +144,19 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Real storage in bytes: packed values + scales + zero points."""
+        """Real storage in bytes: packed values + scales + zero points (+ scale exponent, lookup table)."""
         total = self.values.nbytes + self.scale.nbytes
-        if self.zero_point is not None:
-            total += self.zero_point.nbytes
+        for extra in (self.zero_point, self.scale_exp):
+            if extra is not None:
+                total += extra.nbytes
+        if isinstance(self.format, formats.LutFormat):
+            total += self.format.table_nbytes
         return int(total)
+
+    @property
+    def scale_f32(self) -> jax.Array:
+        """The effective scales ``[G, C]`` as float32 (decodes E8M0 and the float16 exponent)."""
+        return calibrate.decode_scale(self.scale, self.scale_exp, self.format)
 
     @property
     def size(self) -> int:
@@ -126,13 +174,17 @@ class QArray:
 def _encode(q: jax.Array, fmt: formats.QFormat) -> jax.Array:
     """Grid values ``[K, N]`` (float32) -> stored array (packed along K)."""
     if isinstance(fmt, formats.IntFormat):
+        q = jnp.where(jnp.isnan(q), 0.0, q)  # NaN groups: the NaN scale carries the NaN
         if fmt.bits == 8:
             return q.astype(jnp.int8 if fmt.signed else jnp.uint8)
         return packing.pack_bits((q - fmt.qmin).astype(jnp.uint8), fmt.bits, axis=0)
+    if isinstance(fmt, formats.LutFormat):
+        return packing.pack_bits(fmt.codes(jnp.where(jnp.isnan(q), 0.0, q)), fmt.bits, axis=0)
     element = fmt.element if isinstance(fmt, formats.MxFormat) else fmt
     if element.name in _FP8_DTYPES:
         return q.astype(_FP8_DTYPES[element.name])
     positive = jnp.asarray(element.positive_grid(), jnp.float32)
+    q = jnp.where(jnp.isnan(q), 0.0, q)
     magnitude_code = jnp.searchsorted(positive, jnp.abs(q)).astype(jnp.uint8)
     sign = (q < 0).astype(jnp.uint8) << (element.bits - 1)
     return packing.pack_bits(sign | magnitude_code, element.bits, axis=0)
@@ -144,6 +196,8 @@ def _decode(values: jax.Array, fmt: formats.QFormat, k: int) -> jax.Array:
         if fmt.bits == 8:
             return values.astype(jnp.float32)
         return packing.unpack_bits(values, fmt.bits, k, axis=0).astype(jnp.float32) + fmt.qmin
+    if isinstance(fmt, formats.LutFormat):
+        return jnp.asarray(fmt.values, jnp.float32)[packing.unpack_bits(values, fmt.bits, k, axis=0)]
     element = fmt.element if isinstance(fmt, formats.MxFormat) else fmt
     if element.name in _FP8_DTYPES:
         return values.astype(jnp.float32)
@@ -178,17 +232,43 @@ def quantize(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]]
         clipping range.
 
     Raises:
-        ValueError: if the group size does not divide the reduction axis (the message names group_size).
+        ValueError: the group size does not divide the reduction axis (the message names group_size); a
+            0-d or empty `x`; `reduce_axes` out of range.
     """
     x = jnp.asarray(x)
+    check_tensor(x)
     axes = normalize_axes(reduce_axes, x.ndim)
     view = to_view(x, axes)
     q, scale, zero, _ = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
-    k = view.shape[0]
-    values = _encode(q.reshape(k, -1), spec.format)
     squeeze = lambda a: None if a is None else a.reshape(a.shape[0], a.shape[2])  # noqa: E731
-    return QArray(values=values, scale=squeeze(scale), zero_point=squeeze(zero), spec=spec,
-                  shape=tuple(x.shape), reduce_axes=axes, dtype=jnp.dtype(x.dtype).name)
+    return from_grid(q.reshape(view.shape[0], -1), squeeze(scale), squeeze(zero), spec, shape=tuple(x.shape),
+                     reduce_axes=axes, dtype=jnp.dtype(x.dtype).name)
+
+
+def from_grid(q: jax.Array, scale: jax.Array, zero: Optional[jax.Array], spec: QuantSpec, *,
+              shape: Sequence[int], reduce_axes: Optional[Sequence[int]] = None, dtype: str = "float32") -> QArray:
+    """Packs grid values chosen by an algorithm (GPTQ, ...) into a `QArray`.
+
+    Args:
+        q: ``[K, N]`` grid values of the reduction view: integer codes (zero point included) for int formats,
+            element values in units of the scale for fp / MX / lookup-table formats (what
+            `calibrate.quantize_grouped` returns, reshaped to ``[K, N]``).
+        scale: ``[G, C]`` effective float32 scales of one tensor, as `calibrate.range_to_params` returns them
+            (reshaped from ``[G, 1, C]``).
+        zero: ``[G, C]`` uint8 zero points (unsigned int formats) or None.
+        spec: The `QuantSpec` the values follow.
+        shape: Shape of the original tensor.
+        reduce_axes: Its reduce axes (default: every axis but the last).
+        dtype: Name of the dtype `dequantize` restores.
+
+    Returns:
+        The `QArray`; ``dequantize`` gives ``(q - zero) * scale`` in the original layout.
+    """
+    shape = tuple(int(d) for d in shape)
+    axes = normalize_axes(reduce_axes, len(shape))
+    stored, scale_exp = calibrate.encode_scale(jnp.asarray(scale, jnp.float32), spec)
+    return QArray(values=_encode(jnp.asarray(q, jnp.float32), spec.format), scale=stored, zero_point=zero,
+                  scale_exp=scale_exp, spec=spec, shape=shape, reduce_axes=axes, dtype=dtype)
 
 
 def dequantize(qa: QArray, dtype=None) -> jax.Array:
@@ -198,7 +278,7 @@ def dequantize(qa: QArray, dtype=None) -> jax.Array:
     groups = qa.scale.shape[0]
     q = q.reshape(groups, k // groups, -1)
     expand = lambda a: None if a is None else a[:, None, :]  # noqa: E731
-    deq = calibrate.dequantize_grouped(q, expand(qa.scale), expand(qa.zero_point), qa.format)
+    deq = calibrate.dequantize_grouped(q, expand(qa.scale_f32), expand(qa.zero_point), qa.format)
     out = from_view(deq.reshape(k, -1), qa.shape, qa.reduce_axes)
     return out.astype(dtype or qa.dtype)
 
@@ -207,6 +287,7 @@ def quantize_dequantize(x: jax.Array, spec: QuantSpec,
                         reduce_axes: Optional[Sequence[int]] = None) -> tuple[jax.Array, jax.Array]:
     """Quantize-dequantize without packing. Returns ``(x_hat, inside)``; `inside` marks unclipped values."""
     x = jnp.asarray(x)
+    check_tensor(x)
     axes = normalize_axes(reduce_axes, x.ndim)
     view = to_view(x, axes)
     q, scale, zero, grouped = _qdq_view(view, spec, f"a tensor of shape {x.shape}")

@@ -1,66 +1,40 @@
-"""`quantize_model`: the functional transform from a float model to a quantized (or calibrating) copy.
+"""`quantize_model` / `apply_method`: from a float model to a quantized (or calibrating) one.
 
 Flow::
 
-    rules = [QuantRule(module_path=r".*\\.(qkv|proj|fc1|fc2)", weight=QuantSpec(format="int4", ...))]
+    rules = [QuantRule(module_path=r"blocks\\.\\d+\\..*", weight=QuantSpec(format="int4", ...))]
     calib_model = quantize_model(model, rules, mode="calibrate")      # records activation statistics
     for batch in batches: forward(calib_model, batch)
     stats = calibration_stats(calib_model)                            # {layer path: ActStats}
-    qmodel = quantize_model(model, rules, stats, mode="packed")       # QArray weights, static act scales
+    qmodel = quantize_model(model, rules, stats, mode="packed", method="rtn")
 
-The input model is never mutated: the result is a copy whose seam layers carry new `LayerQuant` settings
-(and, in ``packed`` mode, `QArray` kernels instead of float ones). Rules are matched against dotted module
-paths, first match wins; rules that match no layer are reported with an `UnusedRuleWarning`.
+`quantize_model` calls a method of the one registry (`bitlaws.quant.methods`) and materializes its result as
+``packed`` (`QArray` kernels), ``baked`` (their dequantized values in float) or ``fake`` (float kernels
+quantize-dequantized at every call, for QAT). The input model is never mutated: the result is a new graph
+that shares every untouched array with it. Rules are matched against dotted module paths, first match
+wins; rules that match no layer are reported with an `UnusedRuleWarning`. Before anything is quantized,
+every matched layer is checked (group sizes, finite kernels) and all offenders are named in one error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from bitlaws.quant import qarray, seam
-from bitlaws.quant.layers import ActQParamsVar, CalibStats, QConv, QuantizedLayer, QWeight
+from bitlaws.quant import methods, qarray, seam
+from bitlaws.quant.layers import ActQParamsVar, CalibStats, InputScale, QConv, QuantizedLayer, QWeight
+from bitlaws.quant.methods import MethodResult, Target, register_weight_method, rtn  # noqa: F401  (re-exported)
 from bitlaws.quant.seam import ActStats, LayerQuant
-from bitlaws.quant.spec import QuantRule, QuantSpec
+from bitlaws.quant.spec import QuantRule
 
 
 class UnusedRuleWarning(UserWarning):
     """A `QuantRule` matched no layer of the model."""
-
-
-# Weight quantization methods: fn(kernel, spec, stats, reduce_axes) -> QArray. RTN lives here; PTQ methods
-# (GPTQ, GPTVQ, AWQ, ...) register themselves from `bitlaws.ptq`.
-WeightMethod = Callable[[jax.Array, QuantSpec, Optional[ActStats], Optional[tuple[int, ...]]], qarray.QArray]
-_WEIGHT_METHODS: dict[str, WeightMethod] = {}
-
-
-def register_weight_method(name: str):
-    """Registers a weight quantization method ``fn(kernel, spec, stats, reduce_axes) -> QArray`` by name."""
-
-    def wrap(fn: WeightMethod) -> WeightMethod:
-        if name in _WEIGHT_METHODS:
-            raise ValueError(f"weight method {name!r} is already registered")
-        _WEIGHT_METHODS[name] = fn
-        return fn
-
-    return wrap
-
-
-def weight_methods() -> list[str]:
-    return sorted(_WEIGHT_METHODS)
-
-
-@register_weight_method("rtn")
-def rtn(kernel: jax.Array, spec: QuantSpec, stats: Optional[ActStats] = None,
-        reduce_axes: Optional[tuple[int, ...]] = None) -> qarray.QArray:
-    """Round-to-nearest with the spec's calibrator (the paper's baseline, eq. 4-6 for ``minmax``)."""
-    del stats
-    return qarray.quantize(kernel, spec, reduce_axes)
 
 
 def module_path(path: Sequence) -> str:
@@ -111,6 +85,63 @@ def _report_unused(unused: Iterable[QuantRule]) -> None:
                       stacklevel=3)
 
 
+def _contraction_size(layer: QuantizedLayer) -> int:
+    """K of the kernel's reduction view: every kernel axis but the last (output channels)."""
+    k = 1
+    for d in layer.kernel_shape[:-1]:
+        k *= d
+    return k
+
+
+def rule_problems(model: nnx.Module, rules: Sequence[QuantRule]) -> list[str]:
+    """One line per matched layer whose kernel cannot take its rule's weight spec (empty list: all fine).
+
+    Checks shapes only, so it works on abstract models (`nnx.eval_shape`) and costs nothing.
+    """
+    problems = []
+    layers = dict(quant_layers(model))
+    for path, rule in match_rules(model, rules).assignments.items():
+        spec = rule.weight
+        if spec is None or spec.granularity != "group":
+            continue
+        k = _contraction_size(layers[path])
+        if k % spec.group_size:
+            problems.append(f"{path} (kernel {tuple(layers[path].kernel_shape)}: K={k} is not a multiple of "
+                            f"group_size={spec.group_size})")
+    return problems
+
+
+def check_rules(model: nnx.Module, rules: Sequence[QuantRule]) -> None:
+    """Raises one ValueError naming every matched layer whose kernel cannot take its rule's weight spec.
+
+    Called by `quantize_model` before it changes anything; sweeps call it on abstract models before the
+    first cell. Works on concrete and abstract (`nnx.eval_shape`) models.
+    """
+    problems = rule_problems(model, rules)
+    if problems:
+        raise ValueError(f"{len(problems)} layer(s) cannot take their rule's weight spec: {'; '.join(problems)} "
+                         f"- use a group size that divides K, or a module_path that leaves these layers out")
+
+
+def _check_finite_kernels(model: nnx.Module, rules: Sequence[QuantRule]) -> None:
+    """Raises one ValueError naming every matched layer whose float kernel holds NaN or infinity."""
+    layers = dict(quant_layers(model))
+    bad = []
+    for path, rule in match_rules(model, rules).assignments.items():
+        layer = layers[path]
+        if rule.weight is None or layer.kernel is None:
+            continue
+        kernel = layer.kernel[...]
+        if isinstance(kernel, jax.core.Tracer) or not hasattr(kernel, "dtype"):
+            continue  # abstract or traced: nothing to look at
+        count = int(kernel.size - jnp.count_nonzero(jnp.isfinite(kernel)))
+        if count:
+            bad.append(f"{path} ({count} of {kernel.size} values)")
+    if bad:
+        raise ValueError(f"non-finite kernel values in {len(bad)} layer(s): {'; '.join(bad)}; quantizing them "
+                         f"would give NaN weights - fix the checkpoint or leave these layers out of the rules")
+
+
 def _hessian_size(layer: QuantizedLayer) -> int:
     if isinstance(layer, QConv):
         kh, kw = layer.kernel_size
@@ -118,67 +149,181 @@ def _hessian_size(layer: QuantizedLayer) -> int:
     return layer.in_features
 
 
+MODES = ("calibrate",) + methods.MATERIALIZE
+
+
 def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],
                    calib_stats: Optional[Mapping[str, ActStats]] = None, *, mode: str = "fake",
-                   method: str = "rtn", backend: str = "xla", record_hessian: bool = False,
+                   method: str = "rtn", params: Optional[Mapping] = None, backend: str = "xla",
+                   record_hessian: bool = False, calibrate: Optional[methods.CalibrateFn] = None, seed: int = 0,
                    warn_unused: bool = True) -> nnx.Module:
-    """Returns a quantized copy of `model`; the input is left unchanged.
+    """Returns a quantized (or calibrating) version of `model`; the input is left unchanged.
 
     Args:
         model: An NNX model built from `QLinear` / `QConv` layers.
         rules: `QuantRule` list; first match per layer wins; unmatched layers stay in ``fp``.
-        calib_stats: ``{layer path: ActStats}`` from `calibration_stats`, needed for static activation
-            specs and for methods that use statistics (GPTQ's Hessian, ...).
-        mode: ``calibrate`` (record statistics), ``fake`` (simulated quantization, QAT) or ``packed``
-            (weights become `QArray`s via `method`; the float kernels are dropped).
-        method: Registered weight method for ``packed`` mode (``rtn``; PTQ methods add more).
-        backend: Matmul backend for ``packed`` mode.
+        calib_stats: ``{layer path: ActStats}`` from `calibration_stats`, for static activation specs and for
+            methods that use statistics (GPTQ's Hessians, SmoothQuant's channel maxima ...).
+        mode: ``calibrate`` (record statistics), or how the method's result is materialized: ``fake``
+            (simulated quantization at every call, for QAT), ``baked`` (quantized values stored in float) or
+            ``packed`` (`QArray` kernels; the float kernels are dropped). See `bitlaws.quant.methods`.
+        method: A registered method (`bitlaws.quant.methods.method_names`; ``rtn`` by default).
+        params: The method's hyper-parameters (unknown names are an error).
+        backend: Matmul backend for ``packed`` layers.
         record_hessian: In ``calibrate`` mode, also accumulate ``X^T X`` per layer.
+        calibrate: ``calibrate(model, rules, record_hessian) -> stats``, used when the method needs statistics
+            and `calib_stats` is None (and by methods that recalibrate).
+        seed: PRNG seed for methods with randomness.
         warn_unused: Emit an `UnusedRuleWarning` for each rule that matched nothing.
 
     Returns:
         The new model.
 
     Raises:
-        ValueError: unknown mode/method; a static activation spec without statistics for that layer (the
-            message names the layer); a group size that does not divide a layer's kernel.
+        ValueError: unknown mode/method/hyper-parameter; statistics needed but missing (the message names the
+            layer); group sizes that do not divide layers' kernels, or kernels holding NaN/inf (one error
+            naming every such layer, raised before anything is quantized).
     """
-    if mode not in ("calibrate", "fake", "packed"):
-        raise ValueError(f"quantize_model mode must be 'calibrate', 'fake' or 'packed', got {mode!r}")
-    if mode == "packed" and method not in _WEIGHT_METHODS:
-        raise ValueError(f"unknown weight method {method!r}; registered: {weight_methods()}")
-    seam.get_backend(backend)
-    new_model = nnx.clone(model)
+    if mode not in MODES:
+        raise ValueError(f"quantize_model mode must be one of {MODES}, got {mode!r}")
+    if mode == "calibrate":
+        return _calibration_model(model, rules, record_hessian=record_hessian, warn_unused=warn_unused)
+    return apply_method(model, rules, method, materialize=mode, params=params, calib_stats=calib_stats,
+                        calibrate=calibrate, seed=seed, backend=backend, warn_unused=warn_unused)
+
+
+def _calibration_model(model: nnx.Module, rules: Sequence[QuantRule], *, record_hessian: bool,
+                       warn_unused: bool) -> nnx.Module:
+    """A version of `model` whose matched layers record `ActStats` (float computation otherwise)."""
+    check_rules(model, rules)
+    new_model = nnx.clone(model)  # shares every array with `model`
     matched = match_rules(new_model, rules)
     if warn_unused:
         _report_unused(matched.unused_rules)
     layers = dict(quant_layers(new_model))
     for path, rule in matched.assignments.items():
         layer = layers[path]
-        quant = LayerQuant(mode=mode, weight=rule.weight, act=rule.act, backend=backend,
-                           record_hessian=record_hessian and mode == "calibrate")
-        if mode == "packed" and rule.weight is None:
-            quant = dataclasses.replace(quant, mode="fake")  # activations only: nothing to pack
-        stats = None if calib_stats is None else calib_stats.get(path)
-        if rule.weight is not None:
-            k = 1
-            for d in layer.kernel_shape[:-1]:
-                k *= d
-            rule.weight.check_axis(k, f"layer {path!r} kernel {layer.kernel_shape}")
-        if mode == "calibrate":
-            size = _hessian_size(layer) if quant.record_hessian else None
-            layer.calib = CalibStats(ActStats.empty(layer.in_features, size))
-        elif rule.act is not None and rule.act.static:
-            if stats is None:
-                raise ValueError(f"layer {path!r}: static activation spec {rule.act.short()} needs calib_stats "
-                                 f"for this layer (run quantize_model(..., mode='calibrate') first)")
-            layer.act_qparams = ActQParamsVar(seam.static_act_params(stats, rule.act))
-        if quant.mode == "packed":
-            layer.qkernel = QWeight(_WEIGHT_METHODS[method](layer.kernel[...], rule.weight, stats, None))
+        layer.quant = LayerQuant(mode="calibrate", weight=rule.weight, act=rule.act, record_hessian=record_hessian)
+        layer.calib = CalibStats(ActStats.empty(layer.in_features, _hessian_size(layer) if record_hessian else None))
+    return new_model
+
+
+def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "rtn", *,
+                 materialize: str = "packed", params: Optional[Mapping] = None,
+                 calib_stats: Optional[Mapping[str, ActStats]] = None,
+                 calibrate: Optional[methods.CalibrateFn] = None, seed: int = 0, backend: str = "xla",
+                 warn_unused: bool = True) -> nnx.Module:
+    """Runs a registered method on the layers `rules` match and materializes its result as a new model.
+
+    See `quantize_model` for the arguments (`materialize` is its `mode` without ``calibrate``). With no rules,
+    or the float baseline ``none``, returns `model` itself.
+    """
+    if materialize not in methods.MATERIALIZE:
+        raise ValueError(f"materialize must be one of {methods.MATERIALIZE}, got {materialize!r}")
+    quant_method = methods.get_method(method)
+    resolved = quant_method.resolve_params(params)
+    seam.get_backend(backend)
+    matched = match_rules(model, rules)
+    if warn_unused:
+        _report_unused(matched.unused_rules)
+    if quant_method.kind == "float" or not rules:
+        if rules:
+            raise ValueError(f"method {method!r} is the float baseline; it takes no quantization rules")
+        return model
+    check_rules(model, rules)
+    _check_finite_kernels(model, rules)
+    layers = dict(quant_layers(model))
+    stats = _statistics(model, rules, matched.assignments, quant_method, calib_stats, calibrate)
+    targets = tuple(Target(path, layers[path].kernel[...], rule, None if stats is None else stats.get(path))
+                    for path, rule in matched.assignments.items())
+    if materialize == "fake" and method == "rtn":
+        result = MethodResult()  # fake mode re-quantizes at every call: nothing to compute now
+    else:
+        result = quant_method.fn(methods.MethodProblem(model, targets, resolved, seed, calibrate))
+        _check_result(method, result, matched.assignments, materialize)
+    return _materialize(model, matched.assignments, result, materialize, stats, backend)
+
+
+def _statistics(model, rules, assignments, quant_method, calib_stats, calibrate):
+    """The calibration statistics the method and the static activation specs need (None when none needed)."""
+    static = [path for path, rule in assignments.items() if rule.act is not None and rule.act.static]
+    if not (quant_method.needs_stats or static):
+        return calib_stats
+    if calib_stats is None or (quant_method.needs_hessian and any(
+            s.hessian is None for s in calib_stats.values())):
+        if calibrate is None:
+            need = "Hessians (X^T X)" if quant_method.needs_hessian else "statistics"
+            why = (f"method {quant_method.name!r} needs" if quant_method.needs_stats
+                   else f"the static activation specs of {static} need")
+            raise ValueError(f"{why} calibration {need}: pass calib_stats (with record_hessian="
+                             f"{quant_method.needs_hessian}) or a calibrate callback")
+        calib_stats = calibrate(model, rules, quant_method.needs_hessian)
+    needed = list(assignments) if quant_method.needs_stats else static
+    missing = [path for path in needed if path not in calib_stats]
+    if missing:
+        raise ValueError(f"calibration statistics are missing for layer(s) {missing}")
+    if quant_method.needs_hessian:
+        without = [path for path in needed if calib_stats[path].hessian is None]
+        if without:
+            raise ValueError(f"method {quant_method.name!r} needs Hessians; none recorded for {without} "
+                             f"(calibrate with record_hessian=True)")
+    return calib_stats
+
+
+def _check_result(method: str, result: MethodResult, assignments: Mapping[str, QuantRule], materialize: str) -> None:
+    """The result covers exactly the matched layers (weights for every layer with a weight spec)."""
+    for name, entries in (("weights", result.weights), ("kernels", result.kernels),
+                          ("input_scales", result.input_scales)):
+        unknown = sorted(set(entries) - set(assignments))
+        if unknown:
+            raise ValueError(f"method {method!r} returned {name} for layer(s) no rule matched: {unknown}")
+    if materialize != "fake":
+        missing = [path for path, rule in assignments.items() if rule.weight is not None and path not in result.weights]
+        if missing:
+            raise ValueError(f"method {method!r} returned no quantized weight for layer(s) {missing}")
+
+
+def _resolve(model: nnx.Module, dotted: str) -> tuple[object, str]:
+    """``(parent, attribute)`` of a dotted parameter path such as ``blocks.0.ada_lin.kernel``."""
+    *parents, leaf = dotted.split(".")
+    node = model
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    if not isinstance(getattr(node, leaf, None), nnx.Variable):
+        raise ValueError(f"parameter path {dotted!r} does not name a variable of the model")
+    return node, leaf
+
+
+def _materialize(model: nnx.Module, assignments: Mapping[str, QuantRule], result: MethodResult, materialize: str,
+                 stats: Optional[Mapping[str, ActStats]], backend: str) -> nnx.Module:
+    """Builds the quantized model from a method's result (the input model is not touched)."""
+    new_model = nnx.clone(model)  # a new graph over the same (immutable) arrays: no array is copied
+    for dotted, value in result.params.items():
+        parent, leaf = _resolve(new_model, dotted)
+        getattr(parent, leaf).set_value(value)
+    layers = dict(quant_layers(new_model))
+    for path, rule in assignments.items():
+        layer = layers[path]
+        layer.calib = None
+        if path in result.kernels:
+            layer.kernel.set_value(result.kernels[path])
+        if path in result.input_scales:
+            layer.input_scale = InputScale(jnp.asarray(result.input_scales[path], jnp.float32))
+        act = rule.act
+        if act is not None and act.static:
+            layer.act_qparams = ActQParamsVar(seam.static_act_params(stats[path], act))
+        act_only = seam.FP if act is None else LayerQuant(mode="fake", act=act, backend=backend)
+        if rule.weight is None:
+            layer.quant = act_only
+        elif materialize == "packed":
+            layer.qkernel = QWeight(result.weights[path])
             layer.kernel = None
-        if mode != "calibrate":
-            layer.calib = None
-        layer.quant = quant
+            layer.quant = LayerQuant(mode="packed", weight=rule.weight, act=act, backend=backend)
+        elif materialize == "baked":
+            layer.kernel.set_value(qarray.dequantize(result.weights[path], layer.kernel.get_value().dtype))
+            layer.quant = act_only
+        else:
+            layer.quant = LayerQuant(mode="fake", weight=rule.weight, act=act, backend=backend)
     return new_model
 
 
@@ -208,42 +353,39 @@ def run_calibration(model: nnx.Module, rules: Sequence[QuantRule], forward: Call
 
 
 def with_mode(model: nnx.Module, mode: str) -> nnx.Module:
-    """A copy of `model` whose quantized layers switch to `mode` (e.g. ``fp`` to compare with float).
+    """A view of `model` whose quantized layers switch to `mode` (e.g. ``fp`` to compare with float).
 
-    Packed layers cannot leave ``packed`` mode (their float kernels are gone).
+    The view shares every array with `model` (`nnx.view`). Packed layers cannot leave ``packed`` mode (their
+    float kernels are gone) and float layers cannot enter it (they hold no `QArray`).
+
+    Raises:
+        ValueError: naming every layer that cannot take `mode`.
     """
-    new_model = nnx.clone(model)
-    for path, layer in quant_layers(new_model):
+    if mode not in seam.MODES:
+        raise ValueError(f"with_mode: mode must be one of {seam.MODES}, got {mode!r}")
+    refused = []
+    for path, layer in quant_layers(model):
         if layer.qkernel is not None and mode != "packed":
-            raise ValueError(f"layer {path!r} is packed; it has no float kernel to run in {mode!r} mode")
-        if layer.quant.weight is None and layer.quant.act is None:
-            continue
-        layer.quant = dataclasses.replace(layer.quant, mode=mode)
-    return new_model
+            refused.append(f"{path} (packed: it has no float kernel to run in {mode!r} mode)")
+        elif layer.qkernel is None and mode == "packed" and layer.quant.weight is not None:
+            refused.append(f"{path} (it holds no packed kernel; build packed models with quantize_model)")
+    if refused:
+        raise ValueError(f"with_mode({mode!r}): {'; '.join(refused)}")
+    return nnx.view(model, quant_mode=mode, raise_if_not_found=False)
 
 
 def bake_fake_weights(model: nnx.Module) -> nnx.Module:
-    """A copy whose fake-quantized kernels are replaced by their quantize-dequantize values.
+    """A version of a ``fake`` model whose fake-quantized kernels hold their quantize-dequantize values.
 
-    The result computes exactly what the ``fake`` model computes, but weight quantization happens once
-    instead of at every call, and layers with float activations return to ``fp`` mode. Models that differ
-    only in weight precision then share one graph definition, so jitted samplers compile once per
-    activation setting instead of once per weight setting (what a sweep over many settings needs).
-    Training through a baked model updates the baked values: use the ``fake`` model for QAT.
+    It computes exactly what the ``fake`` model computes, but weight quantization happens once instead of at
+    every call, and layers with float activations return to ``fp`` mode (the ``baked`` representation of
+    `quantize_model`). Training through a baked model updates the baked values: use the ``fake`` model for QAT.
     """
     new_model = nnx.clone(model)
-    layers = [layer for _, layer in quant_layers(new_model)
-              if layer.quant.mode == "fake" and layer.quant.weight is not None]
-    specs = tuple(layer.quant.weight for layer in layers)
-    baked = _fake_quant_all([layer.kernel[...] for layer in layers], specs=specs)
-    for layer, kernel in zip(layers, baked):
-        layer.kernel.set_value(kernel)
+    for _, layer in quant_layers(new_model):
         quant = layer.quant
-        layer.quant = seam.FP if quant.act is None else dataclasses.replace(quant, weight=None)
+        if quant.mode == "fake" and quant.weight is not None:
+            kernel = layer.kernel.get_value()
+            layer.kernel.set_value(qarray.dequantize(rtn(kernel, quant.weight), kernel.dtype))
+            layer.quant = seam.FP if quant.act is None else dataclasses.replace(quant, weight=None)
     return new_model
-
-
-@functools.partial(jax.jit, static_argnames=("specs",))
-def _fake_quant_all(kernels: list[jax.Array], *, specs: tuple[QuantSpec, ...]) -> list[jax.Array]:
-    """`qarray.fake_quant` of every kernel in one compiled call (one compilation per model, not per shape)."""
-    return [qarray.fake_quant(kernel, spec) for kernel, spec in zip(kernels, specs)]

@@ -10,15 +10,15 @@ Public API::
 
 from bitlaws.sweep.grid import Cell, GridExpansion, expand_grid, expand_grid_report
 from bitlaws.sweep.results import ResultsFile, read_records
-from bitlaws.sweep.settings import (MethodContext, NotApplicable, Setting, get_method, method_names, parse_setting,
-                                    quant_options, quant_rules, quantize_for_cell, register_method)
+from bitlaws.sweep.settings import (MethodContext, NotApplicable, Setting, get_method, materialize_for, method_names,
+                                    parse_setting, quant_options, quant_rules, quantize_for_cell)
 
 _RUNNER_NAMES = ("SweepSummary", "register_evaluator", "run_sweep", "run_sweep_from_config")
 
 __all__ = [
     "Cell", "GridExpansion", "MethodContext", "NotApplicable", "ResultsFile", "Setting", "expand_grid",
-    "expand_grid_report", "get_method", "method_names", "parse_setting", "quant_options", "quant_rules",
-    "quantize_for_cell", "read_records", "register_method", *_RUNNER_NAMES,
+    "expand_grid_report", "get_method", "materialize_for", "method_names", "parse_setting", "quant_options",
+    "quant_rules", "quantize_for_cell", "read_records", *_RUNNER_NAMES,
 ]
 
 

@@ -8,6 +8,7 @@ A sweep config (ml-collections) names the grid::
     config.methods = ("rtn",)                      # names in the sweep method registry
     config.seeds = (0,)
     config.method_params = {"gptq": {"damp": 0.01}}  # optional: one dict, or a list of dicts to sweep
+    config.imports = ("my_methods",)               # optional: modules registering custom methods
 
 Expansion order is models × settings × formats × methods × params × seeds (outer to inner), duplicates
 removed keeping the first occurrence. ``W16A16`` becomes one float-baseline cell per model and seed
@@ -183,9 +184,14 @@ def _validate_methods(methods: Sequence[str]) -> None:
 def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
     """Expands `config` into cells and the reasons for every combination left out.
 
+    The modules the config names (``config.imports``, ``config.evaluator_module``) are imported first, so
+    methods they register are known when method names are validated (`settings.import_modules`).
+
     Raises:
         ValueError: empty or missing fields, malformed settings, unknown format families, unknown methods.
+        ImportError: a module in ``config.imports`` or ``config.evaluator_module`` cannot be imported.
     """
+    settings_lib.import_modules(config)
     models = _names(config, "models")
     setting_names = [settings_lib.parse_setting(s).name for s in _names(config, "settings")]
     formats = _names(config, "formats")

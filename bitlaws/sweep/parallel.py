@@ -12,8 +12,14 @@ Workers send each finished record (or the error of a failed cell) back to the pa
 of the parent loses at most the cells in flight, and workers notice their parent is gone (their parent pid
 changes) and exit after the cell they are on.
 
-The evaluator must be registered by an importable module (``config.evaluator_module``, or a module the
-config itself imports): a worker cannot see evaluators registered only inside the parent process.
+What a worker imports: a spawned process starts with nothing registered, so before it builds the evaluator
+it redoes what registered the parent's names (`prepare_worker`): it imports the modules of ``config.imports``
+and ``config.evaluator_module``, then re-executes the config file the sweep was loaded from (the runtime field
+``config.config_file``, ``FILE.py[:ARG]``, set by `runner.run_sweep_from_config`), which runs the file's own
+imports and its ``get_config`` (where user code registers methods, calibrators and formats). The config
+*values* stay the parent's. Evaluators, methods, calibrators and formats registered only inside the parent
+process (e.g. in a notebook cell, with a config built in memory) are unknown in the workers: put them in a
+module and list it in ``config.imports``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Iterator, Sequence
 
 import ml_collections
 
+from bitlaws import configlib
+from bitlaws.sweep import settings
 from bitlaws.sweep.grid import Cell
 
 _POLL_S = 1.0  # how often the parent checks that its workers are alive while waiting for a message
@@ -64,14 +72,28 @@ def model_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
     return sorted(groups.values(), key=lambda group: -len(group))
 
 
+def prepare_worker(config_dict: dict) -> ml_collections.ConfigDict:
+    """Imports what the parent's config imported and returns the parent's config (see the module docstring).
+
+    Order: ``config.imports``, ``config.evaluator_module``, then the config file ``config.config_file`` (if
+    any) is re-executed; its result is discarded, only its side effects (registrations) matter.
+    """
+    config = ml_collections.ConfigDict(config_dict)
+    settings.import_modules(config)
+    config_file = config.get("config_file", None)
+    if config_file:
+        configlib.load_config(config_file)
+    return config
+
+
 def _worker(index: int, config_dict: dict, tasks, messages, parent_pid: int) -> None:
     """Worker process body: evaluate model groups from `tasks` until its None, report on `messages`."""
     # Imports happen here, in the spawned process, so the parent never has to be fork-safe.
     from bitlaws.sweep import runner  # pylint: disable=g-import-not-at-top
 
-    config = ml_collections.ConfigDict(config_dict)
-    stop_on_error = bool(config.get("stop_on_error", True))
+    stop_on_error = bool(config_dict.get("stop_on_error", True))
     try:
+        config = prepare_worker(config_dict)
         evaluate = runner.get_evaluator(config)(config)
         version_info = runner.versions()
     except Exception as e:  # pylint: disable=broad-except
@@ -108,7 +130,7 @@ def run_in_workers(config: ml_collections.ConfigDict, cells: Sequence[Cell], wor
     generator early (e.g. stopping on an error, or Ctrl-C) terminates the workers.
 
     Args:
-        config: The sweep config (sent to each worker as a plain dict).
+        config: The sweep config (sent to each worker as a plain dict; `prepare_worker` redoes its imports).
         cells: The unfinished cells.
         workers: Number of processes (at most the number of model groups are started).
 

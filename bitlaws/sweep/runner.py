@@ -1,9 +1,16 @@
 """Runs a sweep: evaluates every unfinished cell of the grid and appends one record per finished cell.
 
-Evaluators are registered by name: ``register_evaluator(name, factory)`` where ``factory(config)`` returns
-``evaluate(cell) -> dict`` of metrics, at least ``fid``, ``mt_bits`` and ``ct_bits`` (anything else JSON
+Evaluators are registered by name: ``register_evaluator(name, factory, check=None)`` where ``factory(config)``
+returns ``evaluate(cell) -> dict`` of metrics, at least ``fid``, ``mt_bits`` and ``ct_bits`` (anything else JSON
 serialisable is kept, e.g. ``metric_name``). A sweep config names its evaluator in ``config.evaluator``
 and, when registering it needs an import, the module in ``config.evaluator_module``.
+
+Pre-check: the optional ``check(config, cells)`` registered with the evaluator is called once with every
+unfinished cell before anything is evaluated or written (no output folder, ``config.json`` or
+``results.jsonl`` is created when it fails). It must be cheap (e.g. abstract models from ``nnx.eval_shape``)
+and raise ONE ValueError naming what cannot work (e.g. a ``quant.weight_group_size`` that does not divide a
+layer's reduction axis); `check_each` builds that error from a per-cell check. The runner itself checks the
+``quant`` block (`check_quant_block`) and that the output path is not a file.
 
 Output folder::
 
@@ -36,25 +43,40 @@ from tqdm import tqdm
 
 from bitlaws import configlib
 from bitlaws.sweep import grid as grid_lib
-from bitlaws.sweep import parallel
+from bitlaws.sweep import parallel, settings
 from bitlaws.sweep.grid import Cell
-from bitlaws.sweep.results import REQUIRED_FIELDS, ResultsFile, exclusive_lock
+from bitlaws.sweep.results import REQUIRED_FIELDS, ResultsFile, exclusive_lock, read_records
 
 RESULTS_NAME = "results.jsonl"
 SNAPSHOT_NAME = "config.json"
 REQUIRED_METRICS = ("fid", "mt_bits", "ct_bits")
 # Config leaves that do not change what a cell's record means; they may differ on resume. A config can
 # add dotted paths in ``config.runtime_fields``.
-RUNTIME_FIELDS = frozenset({"stop_on_error", "sleep_s", "progress", "runtime_fields", "description", "out_dir"})
+RUNTIME_FIELDS = frozenset({"stop_on_error", "sleep_s", "progress", "runtime_fields", "description", "out_dir",
+                            "config_file"})
 
 EvaluateFn = Callable[[Cell], Mapping[str, Any]]
 EvaluatorFactory = Callable[[ml_collections.ConfigDict], EvaluateFn]
+CheckFn = Callable[[ml_collections.ConfigDict, Sequence[Cell]], None]
 _EVALUATORS: dict[str, EvaluatorFactory] = {}
+_CHECKS: dict[str, CheckFn] = {}
+_MORE_KEYS_SHOWN = 3  # failing cells named in a pre-check error besides the first
 
 
-def register_evaluator(name: str, factory: EvaluatorFactory) -> None:
-    """Registers ``factory(config) -> evaluate(cell) -> metrics`` under `name` (re-registering replaces it)."""
+def register_evaluator(name: str, factory: EvaluatorFactory, *, check: Optional[CheckFn] = None) -> None:
+    """Registers ``factory(config) -> evaluate(cell) -> metrics`` under `name` (re-registering replaces it).
+
+    Args:
+        name: The name sweep configs give in ``config.evaluator``.
+        factory: Builds the evaluate function from the sweep config.
+        check: Optional pre-check ``check(config, unfinished cells)`` run before anything is evaluated or
+            written; raises ValueError (see the module docstring).
+    """
     _EVALUATORS[name] = factory
+    if check is None:
+        _CHECKS.pop(name, None)
+    else:
+        _CHECKS[name] = check
 
 
 def evaluator_names() -> list[str]:
@@ -76,6 +98,67 @@ def get_evaluator(config: ml_collections.ConfigDict) -> EvaluatorFactory:
     if name not in _EVALUATORS:
         raise ValueError(f"unknown sweep evaluator {name!r}; registered evaluators: {evaluator_names()}")
     return _EVALUATORS[name]
+
+
+def get_check(config: ml_collections.ConfigDict) -> Optional[CheckFn]:
+    """The pre-check registered with ``config.evaluator`` (None if it has none); call `get_evaluator` first."""
+    return _CHECKS.get(config.get("evaluator", None) or "")
+
+
+def check_each(cells: Sequence[Cell], check_one: Callable[[Cell], None],
+               key: Callable[[Cell], Any] = lambda cell: cell.key) -> None:
+    """Runs ``check_one(cell)`` once per distinct ``key(cell)``; raises ONE ValueError for all failures.
+
+    The error names the first failing cell with its message and counts (and names a few of) the others.
+
+    Raises:
+        ValueError: ``check_one`` raised ValueError for at least one cell.
+    """
+    failed: list[tuple[str, str]] = []
+    seen = set()
+    for cell in cells:
+        group = key(cell)
+        if group in seen:
+            continue
+        seen.add(group)
+        try:
+            check_one(cell)
+        except ValueError as e:
+            failed.append((cell.key, str(e)))
+    if not failed:
+        return
+    first_key, message = failed[0]
+    others = [k for k, _ in failed[1:]]
+    more = ""
+    if others:
+        shown = ", ".join(others[:_MORE_KEYS_SHOWN]) + (", ..." if len(others) > _MORE_KEYS_SHOWN else "")
+        more = f" ({len(others)} more cell(s) fail this check: {shown})"
+    raise ValueError(f"cell {first_key}: {message}{more}")
+
+
+def check_quant_block(config: ml_collections.ConfigDict) -> None:
+    """Checks the optional ``config.quant`` block (see `bitlaws.sweep.settings.quant_options`).
+
+    Raises:
+        ValueError: ``quant.weight_group_size`` is not None, 0 (one scale per output channel) or a positive
+            integer; ``quant.weight_calibrator`` is not a string.
+    """
+    block = config.get("quant", None)
+    if not block:
+        return
+    group = block.get("weight_group_size", None)
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+        raise ValueError(f"config field quant.weight_group_size must be 0 (one scale per output channel) or a "
+                         f"positive group size, got {group!r}")
+    calibrator = block.get("weight_calibrator", None)
+    if calibrator is not None and not isinstance(calibrator, str):
+        raise ValueError(f"config field quant.weight_calibrator must be a calibrator name, got {calibrator!r}")
+    settings.materialize_for(config, "W16A16")  # quant.materialize and quant.packed_settings are valid
+
+
+def _finished_keys_read_only(path: pathlib.Path) -> set[str]:
+    """Keys already in a results file, without repairing it (unreadable lines count as unfinished)."""
+    return {record["key"] for record in read_records(path)} if path.is_file() else set()
 
 
 @dataclasses.dataclass
@@ -284,13 +367,27 @@ def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike
         A `SweepSummary`; ``summary.exit_code`` is what a command line should return.
 
     Raises:
-        ValueError: bad config, unknown evaluator/method, or a snapshot mismatch without `force`.
+        ValueError: bad config, unknown evaluator/method, cells the evaluator's pre-check
+            rejects, an output path that is a file (all before anything is written), or a snapshot mismatch
+            without `force`.
         RuntimeError: another sweep holds the folder's lock.
     """
     start = time.perf_counter()
     expansion = grid_lib.expand_grid_report(config)
     factory = get_evaluator(config)
+    check_quant_block(config)
     out = pathlib.Path(out_dir)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"sweep output folder {out} is (or is inside) an existing file: {parent}")
+            break
+    check = get_check(config)
+    if check is not None:
+        finished_before = _finished_keys_read_only(out / RESULTS_NAME)
+        unfinished = [cell for cell in expansion.cells if cell.key not in finished_before]
+        if unfinished:
+            check(config, unfinished)
     out.mkdir(parents=True, exist_ok=True)
     emit = _log_to(log, progress)
     with exclusive_lock(out):
@@ -379,6 +476,13 @@ def _record_cells(messages: Iterator[parallel.Finished | parallel.Failed], confi
 def run_sweep_from_config(config_spec: str, out_dir: Union[str, os.PathLike], overrides: Sequence[str] = (), *,
                           progress: bool = True, log: Callable[[str], Any] = print,
                           force: bool = False, workers: int = 1) -> SweepSummary:
-    """Loads ``file.py[:arg]`` with ``--set`` style `overrides` and runs `run_sweep` on it."""
+    """Loads ``file.py[:arg]`` with ``--set`` style `overrides` and runs `run_sweep` on it.
+
+    The config remembers where it came from in the runtime field ``config_file`` (absolute ``FILE.py[:ARG]``):
+    worker processes re-execute that file, so what it and its imports register exists there too.
+    """
     config = configlib.load_config(config_spec, overrides)
+    path, sep, arg = config_spec.partition(":")
+    with config.unlocked():
+        config.config_file = str(pathlib.Path(path).resolve()) + sep + arg
     return run_sweep(config, out_dir, progress=progress, log=log, force=force, workers=workers)

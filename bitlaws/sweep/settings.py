@@ -1,4 +1,4 @@
-"""Precision settings (``W4A16`` ...), format families (``int`` / ``fp``) and the sweep's method registry.
+"""Precision settings (``W4A16`` ...), format families (``int`` / ``fp``) and how a cell applies its method.
 
 A *setting* names the bits of weights and input activations: ``W<w>A<a>``, where 16 means "kept in
 floating point". A *format family* turns bits into concrete formats:
@@ -13,29 +13,30 @@ family   weights (per output channel, or groups)      activations (dynamic, one 
 
 ``W16A16`` is the float baseline: one cell whose format is ``none`` and whose method is ``none``.
 
-Methods: the sweep looks every method up by name in ONE registry (`get_method`). It holds the float
-baseline ``none``, every weight method of `bitlaws.quant.transform` (``rtn`` and PTQ methods registered
-there) and whatever `register_method` adds (QAT methods, PTQ methods that need custom calibration).
-Weight methods produce ``packed`` models (``rtn`` without static activations: the numerically equal baked
-fake-quant model, see `_weight_method`); every weight method except ``rtn`` gets calibration statistics
-(with ``X^T X``) from the evaluator's `MethodContext.calibrate` callback.
+Methods: the sweep looks every method up in the ONE registry of `bitlaws.quant.methods` (the float
+baseline ``none``, ``rtn``, PTQ and QAT methods, and whatever user code registers there). A cell's method
+runs through `bitlaws.quant.transform.apply_method` with the cell's hyper-parameters
+(``config.method_params``), the evaluator's calibration callback (methods that need statistics get them
+from it; a cached callback computes them once per model) and the representation chosen by
+`materialize_for` (``baked`` by default, ``packed`` for the settings in ``config.quant.packed_settings``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from flax import nnx
 
-from bitlaws.quant import transform
-from bitlaws.quant.seam import ActStats
+from bitlaws import ptq  # noqa: F401  (registers the PTQ methods)
+from bitlaws.quant import methods, transform
 from bitlaws.quant.spec import QuantRule, QuantSpec
 
 FLOAT_BITS = 16
 FLOAT_FORMAT = "none"
-FLOAT_METHOD = "none"
+FLOAT_METHOD = methods.FLOAT_METHOD
 STANDARD_SETTINGS = ("W16A16", "W8A16", "W4A16", "W3A16", "W8A8", "W4A8")
 FORMAT_FAMILIES = ("int", "fp")
 
@@ -161,7 +162,7 @@ def quant_rules(setting: str, family: str, module_path: str, *, weight_group_siz
 
 # calibrate(model, rules, record_hessian) -> {layer path: ActStats}; supplied by the evaluator, which knows
 # the model's data (e.g. `transform.run_calibration` with its forward function and a few batches).
-CalibrateFn = Callable[[nnx.Module, Sequence[QuantRule], bool], Mapping[str, ActStats]]
+CalibrateFn = methods.CalibrateFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,107 +173,61 @@ class MethodContext:
         params: The cell's method hyper-parameters.
         calibrate: Calibration callback of the evaluator, or None when it has no calibration data.
         seed: The cell's PRNG seed (`Cell.prng_seed`).
+        materialize: ``baked`` (default: quantized values in float, one compilation for every weight-only
+            setting), ``packed`` (real `QArray` storage) or ``fake`` (see `bitlaws.quant.methods`).
     """
 
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     calibrate: Optional[CalibrateFn] = None
     seed: int = 0
+    materialize: str = "baked"
 
 
-QuantizeFn = Callable[[nnx.Module, Sequence[QuantRule], MethodContext], nnx.Module]
+def import_modules(config) -> None:
+    """Imports ``config.imports`` (optional list of module names, in order), then ``config.evaluator_module``.
 
+    Grid expansion calls it before it validates method names, and every sweep worker process calls it before
+    anything else (`bitlaws.sweep.parallel`), so what these modules register (methods, calibrators, formats,
+    the evaluator) exists wherever a name is looked up. A config built in memory lists here the modules that
+    register its custom methods; a config file may simply import them.
 
-@dataclasses.dataclass(frozen=True)
-class QuantMethod:
-    """A registered quantization method.
-
-    Attributes:
-        name: Registry name (used in cell keys).
-        kind: ``float`` (the baseline), ``ptq`` or ``qat``.
-        quantize: ``quantize(model, rules, context) -> quantized copy`` (the input is not mutated).
+    Raises:
+        ImportError: a module that cannot be imported.
+        ValueError: ``config.imports`` is not a list of module names.
     """
-
-    name: str
-    kind: str
-    quantize: QuantizeFn
-
-
-_METHODS: dict[str, QuantMethod] = {}
-METHOD_KINDS = ("float", "ptq", "qat")
-
-
-def register_method(name: str, quantize: QuantizeFn, *, kind: str) -> None:
-    """Registers a sweep method (QAT methods, or PTQ methods needing more than `register_weight_method`).
-
-    A name registered here shadows a `bitlaws.quant.transform` weight method of the same name.
-    """
-    if kind not in METHOD_KINDS:
-        raise ValueError(f"method kind must be one of {METHOD_KINDS}, got {kind!r}")
-    if name in _METHODS:
-        raise ValueError(f"sweep method {name!r} is already registered")
-    if "|" in name or "[" in name:
-        raise ValueError(f"method name {name!r} must not contain '|' or '['")
-    _METHODS[name] = QuantMethod(name, kind, quantize)
+    get = config.get if hasattr(config, "get") else lambda key, default=None: default
+    names = get("imports", None) or ()
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    for module in names:
+        if not isinstance(module, str) or not module:
+            raise ValueError(f"config.imports must list module names, got {module!r}")
+        importlib.import_module(module)
+    evaluator_module = get("evaluator_module", None)
+    if evaluator_module:
+        importlib.import_module(evaluator_module)
 
 
 def method_names() -> list[str]:
-    """Every method name `get_method` resolves."""
-    return sorted(set(_METHODS) | set(transform.weight_methods()))
+    """Every method name the sweep resolves (the one registry, `bitlaws.quant.methods`)."""
+    return methods.method_names()
 
 
-def _weight_method(name: str) -> QuantMethod:
-    """Wraps a `transform` weight method: packed weights, statistics only when the method needs them."""
-
-    def quantize(model: nnx.Module, rules: Sequence[QuantRule], context: MethodContext) -> nnx.Module:
-        if context.params:
-            raise ValueError(f"weight method {name!r} takes no hyper-parameters, got {dict(context.params)}; "
-                             f"register a sweep method with register_method to pass them")
-        static_acts = any(rule.act is not None and rule.act.static for rule in rules)
-        needs_stats = static_acts or name != "rtn"
-        stats = None
-        if needs_stats:
-            if context.calibrate is None:
-                raise ValueError(f"method {name!r} needs calibration statistics but the evaluator gives no "
-                                 f"calibration callback")
-            stats = context.calibrate(model, rules, name != "rtn")
-        if name == "rtn" and stats is None:
-            # Same numbers as the packed RTN model (tested in tests/quant), but weights are quantized once and
-            # weight-only settings share the float model's graph: samplers compile once per activation setting.
-            return transform.bake_fake_weights(transform.quantize_model(model, rules, mode="fake", warn_unused=False))
-        return transform.quantize_model(model, rules, stats, mode="packed", method=name, warn_unused=False)
-
-    return QuantMethod(name, "ptq", quantize)
-
-
-def get_method(name: str) -> QuantMethod:
-    """Looks `name` up in the one registry the sweep uses.
+def get_method(name: str) -> methods.QuantMethod:
+    """Looks `name` up in the one method registry.
 
     Raises:
         ValueError: unknown name (the message lists the registered ones).
     """
-    if name in _METHODS:
-        return _METHODS[name]
-    if name in transform.weight_methods():
-        return _weight_method(name)
-    raise ValueError(f"unknown quantization method {name!r}; registered methods: {method_names()}")
+    return methods.get_method(name)
 
 
 def quantize_for_cell(model: nnx.Module, rules: Sequence[QuantRule], method: str,
                       context: Optional[MethodContext] = None) -> nnx.Module:
-    """Applies `method` with `rules` to `model`; with no rules (W16A16) returns `model` itself."""
-    if not rules:
-        return model
-    return get_method(method).quantize(model, rules, context or MethodContext())
-
-
-def _float_baseline(model: nnx.Module, rules: Sequence[QuantRule], context: MethodContext) -> nnx.Module:
-    del context
-    if rules:
-        raise ValueError("method 'none' (the float baseline) only applies to W16A16")
-    return model
-
-
-register_method(FLOAT_METHOD, _float_baseline, kind="float")
+    """Applies `method` with `rules` to `model` as `context.materialize`; no rules (W16A16): `model` itself."""
+    context = context or MethodContext()
+    return transform.apply_method(model, rules, method, materialize=context.materialize, params=context.params,
+                                  calibrate=context.calibrate, seed=context.seed, warn_unused=False)
 
 
 def quant_options(config) -> dict[str, Any]:
@@ -291,3 +246,21 @@ def quant_options(config) -> dict[str, Any]:
     if calibrator:
         options["weight_calibrator"] = str(calibrator)
     return options
+
+
+def materialize_for(config, setting: str) -> str:
+    """How a cell of `setting` materializes its quantized model: ``packed`` for the settings listed in
+    ``config.quant.packed_settings`` (real `QArray` storage, measured ``storage_bytes``), else
+    ``config.quant.materialize`` (default ``baked``: the same numbers in float, one compilation for every
+    weight-only setting).
+
+    Raises:
+        ValueError: an unknown representation or a malformed setting name in the config.
+    """
+    block = config.get("quant", None) if hasattr(config, "get") else None
+    block = block or {}
+    default = str(block.get("materialize", None) or "baked")
+    if default not in methods.MATERIALIZE:
+        raise ValueError(f"config.quant.materialize must be one of {methods.MATERIALIZE}, got {default!r}")
+    packed = {parse_setting(name).name for name in (block.get("packed_settings", None) or ())}
+    return "packed" if parse_setting(setting).name in packed else default

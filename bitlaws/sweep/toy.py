@@ -12,6 +12,11 @@ Config block ``config.toy``: ``batch`` (inputs per cell, default 64), ``sleep_s`
 cell, default 0; the kill test uses it to have time to kill mid-sweep) and ``jit`` (default True: the
 quantization and both forwards of a cell are traced into one XLA computation, several times faster on CPU
 than compiling every quantization op; a method that cannot be traced falls back to eager execution).
+
+Pre-check (`check_cells`, run by the sweep before any cell): every unfinished cell's rules must fit the
+abstract model of its name (e.g. ``quant.weight_group_size`` must divide the width). A name that does not
+parse is left to the evaluation, where its cells fail one by one (this evaluator exists to exercise that
+path of the sweep).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import ml_collections
 from flax import nnx
 
 from bitlaws.models.common import random_model
-from bitlaws.quant import QLinear, QuantRule, bit_accounting, run_calibration
+from bitlaws.quant import QLinear, QuantRule, bit_accounting, run_calibration, transform
 from bitlaws.sweep import grid as grid_lib
 from bitlaws.sweep import runner, settings
 
@@ -69,6 +74,29 @@ def build_model(name: str) -> ToyMLP:
     width, depth = parse_model_name(name)
     seed = grid_lib.Cell(name, "W16A16", "none", "none", 0).model_seed
     return random_model(lambda: ToyMLP(width, depth, rngs=nnx.Rngs(0)), seed=seed)
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_model(name: str) -> ToyMLP:
+    """The toy model of `name` as ``nnx.eval_shape`` builds it: shapes only, no weights."""
+    width, depth = parse_model_name(name)
+    return nnx.eval_shape(lambda: ToyMLP(width, depth, rngs=nnx.Rngs(0)))
+
+
+def check_cells(config: ml_collections.ConfigDict, cells: Sequence[grid_lib.Cell]) -> None:
+    """The sweep's pre-check: each cell's rules fit its abstract model (unparseable names are not checked).
+
+    Raises:
+        ValueError: naming the first failing cell (and counting the others), see `runner.check_each`.
+    """
+    options = settings.quant_options(config)
+
+    def check_one(cell: grid_lib.Cell) -> None:
+        rules = cell.rules(QUANT_PATTERN, **options)
+        if rules and _NAME_PATTERN.fullmatch(cell.model):
+            transform.check_rules(abstract_model(cell.model), rules)
+
+    runner.check_each(cells, check_one, key=lambda cell: (cell.model, cell.setting, cell.format))
 
 
 def relative_error(quantized: jax.Array, reference: jax.Array) -> jax.Array:
@@ -115,4 +143,4 @@ def make_evaluator(config: ml_collections.ConfigDict):
     return evaluate
 
 
-runner.register_evaluator("toy", make_evaluator)
+runner.register_evaluator("toy", make_evaluator, check=check_cells)

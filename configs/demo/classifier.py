@@ -13,7 +13,7 @@ from bitlaws.configlib import parse_arg
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("quick",))
     config = ml_collections.ConfigDict()
     config.family = "classifier"
     config.seed = 0

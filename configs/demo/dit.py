@@ -30,10 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ConfigDict with ``family``, ``name``, ``model`` (`bitlaws.models.dit.DiT` constructor arguments),
         ``train`` and ``sampling``.
     """
-    args = parse_arg(arg)
-    unknown = set(args) - {"depth", "steps", "quick"}
-    if unknown:
-        raise ValueError(f"configs/demo/dit.py: unknown argument(s) {sorted(unknown)}; use depth=N, steps=N, quick")
+    args = parse_arg(arg, allowed=("depth", "steps", "quick"))
     depth = int(args.get("depth", 4))
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")

@@ -26,7 +26,7 @@ def model_config(depth: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("depth", "steps", "quick"))
     depth = int(args.get("depth", 4))
     quick = bool(args.get("quick", False))
     config = ml_collections.ConfigDict()

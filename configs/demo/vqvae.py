@@ -3,7 +3,7 @@
 `bitlaws.models.vqvae.VQVAE` with two levels (``ch_mult=(1, 1)``, width 32: 16x16 images -> 8x8 latents), a 64-code
 codebook of 8-dimensional codes and six scales ``(1, 2, 3, 4, 6, 8)`` (130 tokens per image). Trained with
 L1 + L2 reconstruction, the codebook loss and the commitment loss (``beta``) through the residual
-quantizer with straight-through gradients. Arg: ``quick`` (a few steps, for tests).
+quantizer with straight-through gradients. Args: ``quick`` (a few steps, for tests), ``steps=N``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("steps", "quick"))
     quick = bool(args.get("quick", False))
     config = ml_collections.ConfigDict()
     config.family = "vqvae"

@@ -10,7 +10,7 @@ from bitlaws.configlib import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("small", "sleep_s"))
     config = ml_collections.ConfigDict()
     config.evaluator = "toy"
     config.evaluator_module = "bitlaws.sweep.toy"

@@ -7,7 +7,7 @@ import pytest
 
 from bitlaws import configlib
 from bitlaws.demo import evaluate, family
-from bitlaws.quant import QuantRule, QuantSpec, match_rules, run_calibration, transform
+from bitlaws.quant import QuantRule, QuantSpec, match_rules, methods, register_weight_method, run_calibration
 from bitlaws.sweep.grid import Cell
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "demo.py"
@@ -18,11 +18,10 @@ def _needs_stats(kernel, spec, stats=None, reduce_axes=None):
     """A test PTQ method: RTN that records the statistics the sweep handed it (and fails without them)."""
     assert stats is not None and stats.hessian is not None, "the sweep gave no calibration statistics"
     SEEN.append({"hessian": np.asarray(stats.hessian), "count": float(stats.count), "k": kernel.shape[0]})
-    return transform.rtn(kernel, spec, None, reduce_axes)
+    return methods.rtn(kernel, spec, None, reduce_axes)
 
 
-if "test-needs-stats" not in transform.weight_methods():
-    transform.register_weight_method("test-needs-stats")(_needs_stats)
+register_weight_method("test-needs-stats", needs_hessian=True)(_needs_stats)  # re-registering is allowed
 
 
 @pytest.mark.parametrize("name", ["var-d1", "dit-d2"])
@@ -51,7 +50,7 @@ def test_a_method_that_needs_statistics_runs_in_the_demo_sweep():
     config.demo.calibration = {"num_batches": 1, "batch_size": 8}
     SEEN.clear()
     record = evaluate.make_evaluator(config)(Cell("dit-d2", "W8A16", "int", "test-needs-stats", 0))
-    assert record["fid"] > 0 and record["n_samples"] == 10
+    assert record["fid"] > 0 and record["n_samples"] == 10 and record["materialize"] == "baked"
     member = family.load_member("dit-d2")
     assert len(SEEN) == len(match_rules(member.model, [QuantRule(module_path=member.quant_pattern)]).assignments)
     assert all(seen["hessian"].shape == (seen["k"], seen["k"]) and seen["count"] > 0 for seen in SEEN)
@@ -62,3 +61,15 @@ def test_unknown_calibration_field_is_named():
     config.demo.calibration = {"num_batchez": 2}
     with pytest.raises(ValueError, match="num_batchez"):
         evaluate.make_evaluator(config)
+
+
+def test_packed_cells_run_qarrays_and_match_baked_ones():
+    config = configlib.load_config(f"{CONFIG}:quick,n_per_class=2")
+    assert "W4A16" in config.quant.packed_settings
+    cell = Cell("dit-d2", "W4A16", "int", "rtn", 0)
+    packed = evaluate.make_evaluator(config)(cell)
+    config.quant.packed_settings = ()
+    baked = evaluate.make_evaluator(config)(cell)
+    assert (packed["materialize"], baked["materialize"]) == ("packed", "baked")
+    assert packed["storage_bytes"] == baked["storage_bytes"]  # measured from the QArrays == analytic
+    assert packed["fid"] == pytest.approx(baked["fid"], rel=1e-4)

@@ -3,6 +3,10 @@
 import math
 import pathlib
 
+import jax
+import pytest
+from flax import nnx
+
 from bitlaws import configlib
 from bitlaws.demo import evaluate
 from bitlaws.sweep.grid import Cell
@@ -43,3 +47,18 @@ def test_sweep_cells_save_their_sample_grid(tmp_path):
     assert grid.shape[:2] == (2 * 16 * zoom, 10 * 16 * zoom)  # 2 rows of samples x 10 digits
     assert grid[..., :3].std() > 0.05  # digits, not a blank image
     assert "out_dir" not in (tmp_path / "run" / "config.json").read_text()  # a runtime field, not in the snapshot
+
+
+def test_pre_check_uses_abstract_members_and_names_the_layers_a_group_size_cannot_split():
+    config = configlib.load_config(f"{CONFIG}:quick", ["quant.weight_group_size=8"])
+    cells = [Cell(name, setting, fmt, method, 0) for name in ("var-d1", "dit-d2")
+             for setting, fmt, method in (("W16A16", "none", "none"), ("W4A16", "int", "rtn"), ("W8A8", "fp", "rtn"))]
+    evaluate.check_cells(config, cells)  # 8 divides every quantized layer's reduction axis
+    model, pattern = evaluate.abstract_member("dit-d2")
+    assert pattern and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))
+    config.quant.weight_group_size = 7
+    with pytest.raises(ValueError, match=r"cell var-d1\|W4A16\|int\|rtn\|s0: .*blocks\.0\..*group_size=7.*"
+                                         r"3 more cell\(s\) fail this check: var-d1\|W8A8\|fp\|rtn\|s0, dit-d2"):
+        evaluate.check_cells(config, cells)
+    with pytest.raises(ValueError, match="no DiT demo member 'dit-d9'"):
+        evaluate.check_cells(config, [Cell("dit-d9", "W16A16", "none", "none", 0)])

@@ -6,6 +6,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from bitlaws import cli
 from bitlaws.port import convert, read_safetensors
@@ -38,6 +39,44 @@ def test_port_dit_nested_checkpoint_roundtrip(tmp_path, manifest):
     assert np.abs(y - io["fwd.out"]).max() / np.abs(io["fwd.out"]).max() < 1e-4
     meta = json.loads((out / "bitlaws.json").read_text())
     assert meta["kind"] == "dit" and meta["source"]["key"] == "ema" and len(meta["source"]["sha256"]) == 64
+
+
+def test_port_over_an_earlier_port_needs_force(tmp_path, manifest, capsys):
+    ctor = {k: v for k, v in manifest["fixtures"]["dit"]["ctor"].items() if k != "cls"}
+    config = _write_config(tmp_path / "dit_fixture.py", {"model": ctor})
+    out = tmp_path / "dit"
+    args = ["port", "dit", "--ckpt", str(FIXTURES / "dit_weights.safetensors"), "--config", config, "--out", str(out)]
+    assert cli.main(args) == 0
+    meta = (out / "bitlaws.json").read_bytes()
+    assert cli.main(args) == 2
+    assert "already holds a ported 'dit' checkpoint" in capsys.readouterr().err
+    assert (out / "bitlaws.json").read_bytes() == meta
+    assert cli.main(["port", "dit", "--ckpt", str(FIXTURES / "dit_weights.pth"), "--config", config, "--out", str(out),
+                     "--force"]) == 0
+    assert json.loads((out / "bitlaws.json").read_text())["source"]["file"] == "dit_weights.pth"
+    assert isinstance(convert.load_ported(out), nnx.Module)
+
+
+def test_check_out_dir(tmp_path):
+    convert.check_out_dir(tmp_path / "new")
+    convert.check_out_dir(tmp_path)  # empty
+    (tmp_path / "bitlaws.json").write_text(json.dumps({"kind": "nope"}))
+    with pytest.raises(ValueError, match="holds no port"):
+        convert.check_out_dir(tmp_path, force=True)  # metadata of an unknown kind: not a port
+    (tmp_path / "bitlaws.json").write_text(json.dumps({"kind": "vae"}))
+    with pytest.raises(ValueError, match="already holds a ported 'vae' checkpoint; pass --force"):
+        convert.check_out_dir(tmp_path)
+    convert.check_out_dir(tmp_path, force=True)
+
+
+def test_config_of_another_model_kind_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"dit_xl2\.py' has no 'var', 'vqvae' section"):
+        convert.convert("var", tmp_path / "missing.pth", tmp_path / "out",
+                        config=str(convert.REPO_CONFIGS / "dit_xl2.py"))
+    config = _write_config(tmp_path / "odd.py", {"model": {"hidden_size": 8, "wings": 2}})
+    with pytest.raises(ValueError, match=r"does not describe a DiT.*unknown constructor argument\(s\) \['wings'\]"):
+        convert.convert("dit", tmp_path / "missing.pth", tmp_path / "out", config=config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_port_var_from_pth_matches_teacher_forcing(tmp_path, manifest):

@@ -42,3 +42,24 @@ def test_compare_integers_exactly():
     assert verify.compare("x", "idx", np.array([1, 2]), np.array([1, 2])).passed()
     assert not verify.compare("x", "idx", np.array([1, 3]), np.array([1, 2])).passed()
     assert not verify.compare("x", "f", np.zeros((2, 2)), np.zeros((2, 3))).passed()
+
+
+def test_nothing_checked_is_an_error(tmp_path, capsys):
+    folder = _folder(tmp_path, {"mar": {"ctor": {"cls": "models.mar.MAR"}}})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert verify.main([str(folder), "--only", "var", "dit"]) == 2  # the manifest lists neither
+    err = capsys.readouterr().err
+    assert "--only var dit" in err and "lists none of them" in err and "nothing was checked" in err
+    del manifest["fixtures"]["sdvae"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify.main([str(folder)]) == 2  # only a fixture this version has no check for
+    captured = capsys.readouterr()
+    assert "skip mar" in captured.out and "nothing was checked" in captured.err and "passed" not in captured.out
+
+
+def test_unreadable_manifest_and_missing_folder(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert verify.main([str(tmp_path)]) == 2
+    assert "manifest.json is not valid JSON" in capsys.readouterr().err
+    assert verify.main([str(tmp_path / "nowhere")]) == 2
+    assert f"fixture folder {tmp_path / 'nowhere'} not found" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def _spec(name, granularity, group_size=4, **kw):
 def _per_element_scale(qa: QArray) -> np.ndarray:
     """The float scale each element of the original tensor was quantized with."""
     k, _ = qa.view_shape
-    scale = np.asarray(calibrate.scale_as_float(qa.scale, qa.format))  # [G, C]
+    scale = np.asarray(qa.scale_f32)  # [G, C]
     per_row = np.repeat(scale, k // scale.shape[0], axis=0)  # [K, C]
     per_row = np.broadcast_to(per_row, (k, qa.view_shape[1]))
     return np.asarray(qarray.from_view(jnp.asarray(per_row), qa.shape, qa.reduce_axes))
@@ -115,7 +115,7 @@ def test_qarray_storage_dtypes():
 def test_qarray_is_a_pytree_with_static_layout():
     qa = quantize(jnp.ones((16, 4)), _spec("int4", "group", 8))
     leaves, treedef = jax.tree.flatten(qa)
-    assert len(leaves) == 2  # values, scale (zero point None)
+    assert len(leaves) == 3  # values, scale, scale_exp (float16 scales; zero point None)
     rebuilt = jax.tree.unflatten(treedef, leaves)
     assert rebuilt.spec == qa.spec and rebuilt.shape == qa.shape
     np.testing.assert_array_equal(jax.jit(dequantize)(qa), dequantize(qa))
@@ -127,7 +127,7 @@ def test_storage_of_4096_square_group_128(name, bits_per_value):
     spec = QuantSpec(format=name, granularity="group", group_size=128)
     qa = quantize(w, spec)
     groups = 4096 * 4096 // 128
-    assert qa.nbytes <= bits_per_value * 4096**2 + groups * (2 + 1)  # fp16 scale + one zero-point byte
+    assert qa.nbytes <= bits_per_value * 4096**2 + groups * (2 + 1) + 2  # fp16 scale + zero byte; exponent
     assert qa.nbytes == qarray_nbytes(w.shape, spec)
     rel = float(jnp.sqrt(jnp.mean((dequantize(qa) - w) ** 2)))
     assert rel < (0.15 if name == "int4" else 0.3)

@@ -4,8 +4,9 @@ import hashlib
 
 import ml_collections
 import pytest
+from flax import nnx
 
-from bitlaws.quant import IntFormat
+from bitlaws.quant import IntFormat, MethodResult, QLinear, methods, quantize
 from bitlaws.sweep import grid, settings
 
 
@@ -105,26 +106,31 @@ def test_quant_options_from_config():
     assert settings.quant_options(ml_collections.ConfigDict()) == {}
 
 
-def test_registered_sweep_method_is_found_and_used():
+def test_registered_method_is_found_and_used_with_its_hyper_parameters():
     calls = []
 
-    def fake_qat(model, rules, context):
-        calls.append((model, len(rules), dict(context.params)))
-        return "quantized"
+    def fake_qat(problem):
+        calls.append((len(problem.targets), dict(problem.params)))
+        return MethodResult(weights={t.path: quantize(t.kernel, t.rule.weight) for t in problem.targets})
 
-    settings.register_method("fake-qat-for-test", fake_qat, kind="qat")
+    methods.register_method("fake-qat-for-test", fake_qat, kind="qat", defaults={"lr": 0})
     try:
         assert "fake-qat-for-test" in settings.method_names() and "rtn" in settings.method_names()
         config = _config(methods=("fake-qat-for-test",), method_params={"fake-qat-for-test": [{"lr": 1}, {"lr": 2}]})
         keys = [c.key for c in grid.expand_grid(config) if c.setting == "W4A16" and c.format == "int"]
         assert keys == ["m-a|W4A16|int|fake-qat-for-test[lr=1]|s0", "m-a|W4A16|int|fake-qat-for-test[lr=2]|s0",
                         "m-b|W4A16|int|fake-qat-for-test[lr=1]|s0", "m-b|W4A16|int|fake-qat-for-test[lr=2]|s0"]
+        model = QLinear(8, 4, rngs=nnx.Rngs(0))
         rules = settings.quant_rules("W4A16", "int", ".*")
-        context = settings.MethodContext(params={"lr": 2})
-        assert settings.quantize_for_cell("model", rules, "fake-qat-for-test", context) == "quantized"
-        assert settings.quantize_for_cell("model", [], "fake-qat-for-test") == "model"
-        assert calls == [("model", 1, {"lr": 2})]
-        with pytest.raises(ValueError, match="already registered"):
-            settings.register_method("fake-qat-for-test", fake_qat, kind="qat")
+        context = settings.MethodContext(params={"lr": 2}, materialize="packed")
+        quantized = settings.quantize_for_cell(model, rules, "fake-qat-for-test", context)
+        assert quantized.qkernel is not None and quantized.quant.mode == "packed"
+        assert settings.quantize_for_cell(model, [], "fake-qat-for-test") is model
+        assert calls == [(1, {"lr": 2})]
+        with pytest.raises(ValueError, match=r"no hyper-parameter\(s\) \['momentum'\].*lr=0"):
+            settings.quantize_for_cell(model, rules, "fake-qat-for-test", settings.MethodContext(params={"momentum": 1}))
+        methods.register_method("fake-qat-for-test", fake_qat, kind="qat")  # same function again: allowed
+        with pytest.raises(ValueError, match="already registered.*replace=True"):
+            methods.register_method("fake-qat-for-test", lambda problem: MethodResult(), kind="qat")
     finally:
-        settings._METHODS.pop("fake-qat-for-test")  # pylint: disable=protected-access
+        methods._METHODS.pop("fake-qat-for-test")  # pylint: disable=protected-access

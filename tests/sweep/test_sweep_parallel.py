@@ -70,3 +70,18 @@ def test_workers_below_two_run_in_process(tmp_path, workers):
     summary = runner.run_sweep(_toy_config("models=('mlp-w8-d1',)"), tmp_path / "run", progress=False,
                                workers=workers)
     assert summary.complete
+
+
+def test_prepare_worker_reruns_the_config_file_and_keeps_the_parent_values(tmp_path):
+    marker = tmp_path / "ran.txt"
+    config_file = tmp_path / "sweep.py"
+    config_file.write_text(
+        "import ml_collections\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    open({str(marker)!r}, 'a').write(str(arg))  # where user code would register its methods\n"
+        "    return ml_collections.ConfigDict({'models': ('from-file',)})\n")
+    config = parallel.prepare_worker({"models": ["from-parent"], "config_file": f"{config_file}:small",
+                                      "imports": ["bitlaws.sweep.toy"]})
+    assert marker.read_text() == "small"
+    assert list(config.models) == ["from-parent"]
+    assert "toy" in runner.evaluator_names()

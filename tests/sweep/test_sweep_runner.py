@@ -129,3 +129,75 @@ def test_unknown_evaluator_and_reserved_fields():
     cell = runner.grid_lib.Cell("a", "W4A16", "int", "rtn", 0)
     with pytest.raises(ValueError, match=r"runner's fields \['key'\]"):
         runner.make_record(cell, {"fid": 1.0, "mt_bits": 1, "ct_bits": 1, "key": "x"}, 0.1)
+
+
+CHECKED: list[list[str]] = []
+
+
+def _check(config, cells):
+    CHECKED.append([cell.key for cell in cells])
+    bad = [cell for cell in cells if cell.format == "fp" and config.fake.scale < 0]
+    if bad:
+        raise ValueError(f"negative scale cannot do fp ({bad[0].key})")
+
+
+runner.register_evaluator("fake-with-check", _fake_factory, check=_check)
+
+
+def test_pre_check_sees_every_unfinished_cell_before_the_first_evaluation(tmp_path):
+    CHECKED.clear()
+    assert runner.run_sweep(_config(evaluator="fake-with-check", models=("a",)), tmp_path, progress=False,
+                            log=lambda _: None).complete
+    assert CHECKED == [GRID[:4]] and CALLS == GRID[:4]
+    CHECKED.clear()
+    CALLS.clear()
+    runner.run_sweep(_config(evaluator="fake-with-check"), tmp_path, progress=False, log=lambda _: None, force=True)
+    assert CHECKED == [GRID[4:]] and CALLS == GRID[4:]  # finished cells are not checked again
+
+
+def test_a_failing_pre_check_writes_nothing(tmp_path):
+    CHECKED.clear()
+    with pytest.raises(ValueError, match=r"negative scale cannot do fp \(a\|W4A16\|fp"):
+        runner.run_sweep(_config(evaluator="fake-with-check", fake={"scale": -1.0}), tmp_path / "out",
+                         progress=False)
+    assert CALLS == [] and not (tmp_path / "out").exists()
+
+
+def test_check_each_names_the_first_failure_and_counts_the_others():
+    cells = [runner.grid_lib.Cell(m, "W4A16", "int", "rtn", 0) for m in ("a", "b", "c", "d", "e", "f")]
+
+    def check_one(cell):
+        if cell.model != "a":
+            raise ValueError(f"{cell.model} is bad")
+
+    with pytest.raises(ValueError) as error:
+        runner.check_each(cells + cells, check_one, key=lambda cell: cell.model)
+    assert str(error.value) == ("cell b|W4A16|int|rtn|s0: b is bad (4 more cell(s) fail this check: "
+                                "c|W4A16|int|rtn|s0, d|W4A16|int|rtn|s0, e|W4A16|int|rtn|s0, ...)")
+
+
+@pytest.mark.parametrize("group", [-8, 2.5, True])
+def test_quant_group_size_must_be_zero_or_positive(tmp_path, group):
+    with pytest.raises(ValueError, match="quant.weight_group_size"):
+        runner.run_sweep(_config(quant={"weight_group_size": group}), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="existing file"):
+        runner.run_sweep(_config(), tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_toy_pre_check_names_the_layers_a_group_size_cannot_split():
+    from bitlaws.sweep import toy  # pylint: disable=g-import-not-at-top
+
+    config = _config(quant={"weight_group_size": 8})
+    cells = [runner.grid_lib.Cell("mlp-w16-d2", "W4A16", "int", "rtn", 0),
+             runner.grid_lib.Cell("mlp-w12-d1", "W16A16", "none", "none", 0)]
+    toy.check_cells(config, cells)  # 8 divides 16; the float cell has no rules
+    cells.append(runner.grid_lib.Cell("mlp-w12-d1", "W4A16", "int", "rtn", 0))
+    with pytest.raises(ValueError, match=r"cell mlp-w12-d1\|W4A16.*layers\.0.*group_size=8"):
+        toy.check_cells(config, cells)
+    toy.check_cells(config, [runner.grid_lib.Cell("mlp-bad", "W4A16", "int", "rtn", 0)])  # fails when evaluated
