@@ -2,7 +2,7 @@
 
 Cores work on plain arrays (a kernel ``[in, out]``, a Hessian ``[in, in]``, activation statistics) and return
 `bitlaws.quant.QArray`s or rewritten arrays; they know nothing about models. Importing this package registers
-the integrated methods in the one method registry (`bitlaws.quant.methods`): ``gptq``.
+the integrated methods in the one method registry (`bitlaws.quant.methods`): ``gptq``, ``smoothquant``, ``awq``.
 """
 
-from bitlaws.ptq import gptq  # noqa: F401  (registers the method)
+from bitlaws.ptq import gptq, smoothing  # noqa: F401  (register the methods)

@@ -18,7 +18,7 @@ from bitlaws.quant.spec import QuantSpec
 TABLE_FORMATS = (
     [f"int{b}" for b in range(2, 9)] + [f"uint{b}" for b in range(2, 9)]
     + ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"]
-    + ["mxfp8", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp4"])
+    + ["mxfp8", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp4", "nf4"])
 GROUP_SIZE = 128
 
 
