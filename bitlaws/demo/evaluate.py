@@ -99,7 +99,7 @@ def make_evaluator(config: ml_collections.ConfigDict):
         record = dict(fid=float(scores["dfd"]), accuracy=float(scores["accuracy"]), n_samples=int(scores["n"]),
                       metric_name=METRIC_NAME, family=member.family, n_params=int(report.total_params),
                       mt_bits=int(report.mt_bits), ct_bits=int(report.ct_bits),
-                      storage_bytes=int(storage), materialize=materialize)
+                      storage_bytes=int(storage), materialize=materialize if rules else "float")
         if out_dir is not None and samples_per_class > 0:
             relative = pathlib.Path(SAMPLES_DIR) / cell.model / f"{cell.key.replace('|', '_')}.png"
             save_sample_grid(images, n_per_class, min(samples_per_class, n_per_class), out_dir / relative)
