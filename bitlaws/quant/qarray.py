@@ -26,6 +26,7 @@ streaming over K wants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -237,7 +238,13 @@ def quantize(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]]
     """
     x = jnp.asarray(x)
     check_tensor(x)
-    axes = normalize_axes(reduce_axes, x.ndim)
+    return _quantize(x, spec, normalize_axes(reduce_axes, x.ndim))
+
+
+# One compiled program per (shape, spec, axes): dispatching the ~50 ops one by one costs far more (each op
+# compiles on first use) than compiling them together, for eager callers and tests alike.
+@functools.partial(jax.jit, static_argnames=("spec", "axes"))
+def _quantize(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -> QArray:
     view = to_view(x, axes)
     q, scale, zero, _ = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
     squeeze = lambda a: None if a is None else a.reshape(a.shape[0], a.shape[2])  # noqa: E731
@@ -273,6 +280,11 @@ def from_grid(q: jax.Array, scale: jax.Array, zero: Optional[jax.Array], spec: Q
 
 def dequantize(qa: QArray, dtype=None) -> jax.Array:
     """Unpacks and rescales a `QArray` to its original shape, in `dtype` (default: the original dtype)."""
+    return _dequantize(qa, jnp.dtype(dtype or qa.dtype).name)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(qa: QArray, dtype: str) -> jax.Array:
     k, _ = qa.view_shape
     q = _decode(qa.values, qa.format, k)  # [K, N]
     groups = qa.scale.shape[0]
@@ -280,7 +292,7 @@ def dequantize(qa: QArray, dtype=None) -> jax.Array:
     expand = lambda a: None if a is None else a[:, None, :]  # noqa: E731
     deq = calibrate.dequantize_grouped(q, expand(qa.scale_f32), expand(qa.zero_point), qa.format)
     out = from_view(deq.reshape(k, -1), qa.shape, qa.reduce_axes)
-    return out.astype(dtype or qa.dtype)
+    return out.astype(dtype)
 
 
 def quantize_dequantize(x: jax.Array, spec: QuantSpec,
@@ -288,7 +300,11 @@ def quantize_dequantize(x: jax.Array, spec: QuantSpec,
     """Quantize-dequantize without packing. Returns ``(x_hat, inside)``; `inside` marks unclipped values."""
     x = jnp.asarray(x)
     check_tensor(x)
-    axes = normalize_axes(reduce_axes, x.ndim)
+    return _quantize_dequantize(x, spec, normalize_axes(reduce_axes, x.ndim))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "axes"))
+def _quantize_dequantize(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     view = to_view(x, axes)
     q, scale, zero, grouped = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
     deq = calibrate.dequantize_grouped(q, scale, zero, spec.format)
