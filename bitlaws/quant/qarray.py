@@ -48,7 +48,7 @@ def normalize_axes(reduce_axes: Optional[Sequence[int]], ndim: int) -> tuple[int
             holds a non-integer.
     """
     if ndim < 1:
-        raise ValueError(f"reduce_axes: a 0-d tensor has no axis to reduce; quantize at least a 1-d array")
+        raise ValueError("reduce_axes: a 0-d tensor has no axis to reduce; quantize at least a 1-d array")
     if reduce_axes is None:
         return tuple(range(max(ndim - 1, 1)))
     if isinstance(reduce_axes, (int, np.integer)):

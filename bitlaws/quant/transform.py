@@ -28,7 +28,7 @@ from flax import nnx
 
 from bitlaws.quant import methods, qarray, seam
 from bitlaws.quant.layers import ActQParamsVar, CalibStats, InputScale, QConv, QuantizedLayer, QWeight
-from bitlaws.quant.methods import MethodResult, Target, register_weight_method, rtn  # noqa: F401  (re-exported)
+from bitlaws.quant.methods import MethodResult, Target, rtn
 from bitlaws.quant.seam import ActStats, LayerQuant
 from bitlaws.quant.spec import QuantRule
 

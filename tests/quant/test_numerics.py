@@ -1,8 +1,6 @@
 """Quantizer numerics that never fail silently: zero blocks, scale storage at any magnitude, non-finite
 values, argument validation, and one up-front error for rules a model cannot take (issue [5/12])."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from bitlaws.quant import (LutFormat, QLinear, QuantRule, QuantSpec, dequantize, fake_quant, parse_format, quantize,
                            quantize_model, register_format)
-from bitlaws.quant import formats, qarray
+from bitlaws.quant import formats
 from bitlaws.quant.accounting import qarray_nbytes
 from bitlaws.quant.transform import quant_layers
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bitlaws.quant import QArray, QuantSpec, dequantize, fake_quant, parse_format, quantize
-from bitlaws.quant import calibrate, packing, qarray
+from bitlaws.quant import packing, qarray
 from bitlaws.quant.accounting import qarray_nbytes
 
 INT_NAMES = [f"{s}int{b}" for s in ("", "u") for b in range(2, 9)]

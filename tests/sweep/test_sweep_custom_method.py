@@ -15,7 +15,7 @@ import pytest
 
 from bitlaws.configlib import load_config
 from bitlaws.quant import calibrate, methods
-from bitlaws.sweep import grid, runner, settings
+from bitlaws.sweep import grid, runner
 from bitlaws.sweep.results import read_records
 
 USER_MODULE = '''
