@@ -2,6 +2,9 @@
 
 ``bitlaws.__version__`` is the installed package's version (``"unknown"`` when run from a tree that was
 never installed); it is looked up on first use so that ``import bitlaws`` stays instant.
+
+``bitlaws.load_quantized(dir)`` rebuilds a quantized checkpoint written by ``bitlaws ptq``
+(`bitlaws.ptq.checkpoint.load_quantized`; imported on first use).
 """
 
 from typing import Any
@@ -15,6 +18,14 @@ def package_version() -> str:
         return importlib.metadata.version("bitlaws")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def load_quantized(directory):
+    """Loads a quantized checkpoint: a `QuantizedCheckpoint` with ``.model`` and ``.metadata`` (see
+    `bitlaws.ptq.checkpoint.load_quantized`)."""
+    from bitlaws.ptq.checkpoint import load_quantized as load  # pylint: disable=g-import-not-at-top
+
+    return load(directory)
 
 
 def __getattr__(name: str) -> Any:

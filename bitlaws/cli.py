@@ -74,6 +74,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _cmd_ptq(args: argparse.Namespace) -> int:
+    from bitlaws.ptq import run  # pylint: disable=g-import-not-at-top
+
+    command = " ".join(["bitlaws ptq --config", shlex.quote(args.config),
+                        *[f"--set {shlex.quote(o)}" for o in args.overrides], "--out", shlex.quote(args.out)])
+    result = run.run_ptq_from_config(args.config, args.out, args.overrides, force=args.force, command=command)
+    print(run.render_summary(result))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from bitlaws.laws import analyze  # pylint: disable=g-import-not-at-top
 
@@ -174,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "OUT/results.jsonl and skipped when the sweep is rerun.")
     _add_sweep_arguments(sweep)
     sweep.set_defaults(func=_cmd_sweep)
+
+    ptq = sub.add_parser("ptq", help="quantize a model with one PTQ method; write a quantized checkpoint",
+                         description="Quantize a demo member or a ported checkpoint with one method (packed weights) "
+                                     "and write an orbax checkpoint that bitlaws.load_quantized(DIR) rebuilds, plus "
+                                     "layer_errors.json (per-layer weight / output errors and storage).")
+    ptq.add_argument("--config", required=True,
+                     help="e.g. configs/ptq/demo.py:var-d4,W4A16,gptq (the variant grammar is in that file)")
+    ptq.add_argument("--out", required=True, help="output folder: new or empty (an earlier quantized checkpoint is "
+                                                  "replaced only with --force; other folders are refused)")
+    ptq.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field (repeatable), e.g. calibration.num_batches=2")
+    ptq.add_argument("--force", action="store_true", help="replace the quantized checkpoint already in --out")
+    ptq.set_defaults(func=_cmd_ptq)
 
     report = sub.add_parser("report", help="fit scaling laws to a sweep; write plots and report.md",
                             description="Power-law fits (bootstrap CIs), Pareto analysis, Figure-1 style plots "

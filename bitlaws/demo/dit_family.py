@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from bitlaws.checkpoint import load_metadata, load_model, save_model
 from bitlaws.demo.data import load_digits
-from bitlaws.demo.family import calibration_digits, register_family
+from bitlaws.demo.family import calibration_digits, register_family, spread_labels
 from bitlaws.models.dit import DiT
 from bitlaws.sample.diffusion import GaussianDiffusion, MeanType, create_diffusion
 
@@ -273,6 +273,14 @@ def sample_digits(model: DiT, labels: np.ndarray, key: jax.Array, *, cfg_scale: 
     Returns:
         ``[B, H, W, C]`` float32 in [-1, 1] (numpy).
     """
+    out = _cfg_ddim(model, labels, key, cfg_scale, sampling_diffusion(respacing), return_steps=False)
+    return np.clip(np.asarray(out[:len(labels)]), -1.0, 1.0)
+
+
+def _cfg_ddim(model: DiT, labels: np.ndarray, key: jax.Array, cfg_scale: float, diffusion: GaussianDiffusion, *,
+              return_steps: bool):
+    """DDIM from noise drawn from `key`, the batch doubled for CFG (``labels`` then the null class, the same
+    noise); returns the loop's ``[2B, ...]`` output (and steps) and the doubled noise and labels."""
     labels = jnp.asarray(labels, jnp.int32)
     batch = labels.shape[0]
     shape = (batch, model.input_size, model.input_size, model.in_channels)
@@ -280,10 +288,30 @@ def sample_digits(model: DiT, labels: np.ndarray, key: jax.Array, *, cfg_scale: 
     noise = jax.random.normal(noise_key, shape, jnp.float32)
     doubled_noise = jnp.concatenate([noise, noise], axis=0)  # [2B, H, W, C]
     doubled_labels = jnp.concatenate([labels, jnp.full((batch,), model.num_classes, jnp.int32)])  # [2B]
-    out = sampling_diffusion(respacing).ddim_sample_loop(
+    out = diffusion.ddim_sample_loop(
         model.forward_with_cfg, doubled_noise.shape, doubled_noise, key=loop_key, clip_denoised=True,
-        model_kwargs={"y": doubled_labels, "cfg_scale": jnp.float32(cfg_scale)})
-    return np.clip(np.asarray(out[:batch]), -1.0, 1.0)
+        model_kwargs={"y": doubled_labels, "cfg_scale": jnp.float32(cfg_scale)}, return_steps=return_steps)
+    return (out, doubled_noise, doubled_labels) if return_steps else out
+
+
+def sampling_trajectory(model: DiT, labels: np.ndarray, key: jax.Array, *, cfg_scale: float,
+                        respacing: str = "ddim25") -> tuple[jax.Array, np.ndarray, np.ndarray]:
+    """What the network sees while `sample_digits` runs: its input at every sampling step.
+
+    Args:
+        model, labels, key, cfg_scale, respacing: As for `sample_digits` (the same trajectories).
+
+    Returns:
+        ``(x_t [S, 2B, H, W, C] float32, t [S] int32 on the 1000-step scale, labels [2B] int32)`` for the S
+        steps in sampling order; rows are the conditional batch then its null-class copy, as CFG runs them.
+    """
+    diffusion = sampling_diffusion(respacing)
+    (_, steps), doubled_noise, doubled_labels = _cfg_ddim(model, labels, key, cfg_scale, diffusion,
+                                                          return_steps=True)
+    # The input of step i is x_T for i = 0, else the sample step i - 1 produced.
+    x_t = jnp.concatenate([doubled_noise[None], steps["sample"][:-1]], axis=0)  # [S, 2B, H, W, C]
+    t = diffusion.timestep_map[::-1].astype(np.int32)  # step i runs index S - 1 - i
+    return x_t, t, np.asarray(doubled_labels)
 
 
 # ----------------------------------------------------------------------------- family members
@@ -305,10 +333,21 @@ class DiTMember:
         """``[B, 16, 16, 3]`` float32 samples in [-1, 1] of `labels` drawn with `model` (maybe quantized)."""
         return sample_digits(model, labels, key, cfg_scale=self.cfg_scale, respacing=self.respacing)
 
-    def calibration_batches(self, num_batches: int, batch_size: int,
-                            seed: int) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-        """``(x_t [B, 16, 16, 3], t [B], labels [B])``: real digits noised at t uniform over the 1000 training steps
-        (the DDIM sampler's respaced steps are a subset), half of the labels the null class."""
+    def calibration_batches(self, num_batches: int, batch_size: int, seed: int,
+                            source: str = "data") -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        """``(x_t [B, 16, 16, 3], t [B], labels [B])`` batches (t on the 1000-step scale the network sees).
+
+        ``source="samples"`` (the protocol of PTQ4DiT / Q-Diffusion): the inputs the network receives along the
+        float model's own CFG sampling trajectories (the member's sampler and guidance) for ``batch_size``
+        samples with labels spread evenly over the classes; every (timestep, conditional or null row) pair of
+        the trajectories is a candidate and ``num_batches * batch_size`` of them are drawn without replacement.
+        ``source="data"``: real digits noised at t uniform over the 1000 training steps, half of the labels the
+        null class.
+        """
+        if source == "samples":
+            return self._trajectory_batches(num_batches, batch_size, seed)
+        if source != "data":
+            raise ValueError(f"DiT calibration source must be 'samples' or 'data', got {source!r}")
         diffusion = training_diffusion()
         batches = []
         for images, labels, rng in calibration_digits(num_batches, batch_size, seed, self.model.num_classes):
@@ -317,6 +356,29 @@ class DiTMember:
             x_t = q_sample(diffusion, jnp.asarray(images), jnp.asarray(t), jnp.asarray(noise))
             batches.append((x_t, jnp.asarray(t), jnp.asarray(labels)))
         return batches
+
+    def _trajectory_batches(self, num_batches: int, batch_size: int,
+                            seed: int) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        labels = spread_labels(batch_size, self.model.num_classes, seed)
+        x_t, t, doubled = sampling_trajectory(self.model, labels, jax.random.key(seed), cfg_scale=self.cfg_scale,
+                                              respacing=self.respacing)  # [S, 2B, ...], [S], [2B]
+        steps, rows = x_t.shape[0], x_t.shape[1]
+        n = num_batches * batch_size
+        rng = np.random.default_rng([seed, 2])
+        picks = rng.choice(steps * rows, n, replace=n > steps * rows)
+        step_index, row_index = picks // rows, picks % rows
+        flat_x = np.asarray(x_t)[step_index, row_index]  # [n, H, W, C]
+        flat_t, flat_y = np.asarray(t)[step_index], np.asarray(doubled)[row_index]
+        return [(jnp.asarray(flat_x[i:i + batch_size]), jnp.asarray(flat_t[i:i + batch_size], jnp.int32),
+                 jnp.asarray(flat_y[i:i + batch_size], jnp.int32)) for i in range(0, n, batch_size)]
+
+    def calibration_protocol(self, source: str) -> str:
+        if source == "samples":
+            return (f"network inputs along the float model's own sampling trajectories ({self.respacing}, cfg "
+                    f"{self.cfg_scale}; conditional and null-class rows), labels spread evenly over the classes, "
+                    f"(timestep, row) pairs drawn uniformly")
+        return ("real training digits noised at timesteps uniform over the 1000 training steps, half of the labels "
+                "the null class")
 
     def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         """The DiT's output ``[B, 16, 16, 6]`` on one calibration batch."""

@@ -13,8 +13,10 @@ noise), and records:
 * ``samples_image``: a PNG grid of the cell's first samples per digit, relative to the sweep folder.
 
 Methods that need calibration statistics (static activation scales, GPTQ's Hessians, SmoothQuant's channel
-maxima ...) get them through `MethodContext.calibrate`: the member's ``calibration_forward`` over
-``calibration_batches`` (real training digits, computed once per member and reused by every cell).
+maxima ...) get them through `MethodContext.calibrate` / `MethodContext.data`: `family.calibration_data` of the
+member (by default the paper's protocol — VAR teacher-forced on its own samples, DiT along its own sampling
+trajectories; ``config.demo.calibration.source = "data"`` for real digits), computed once per member and reused
+by every cell; the record's ``calibration`` field says which data it was.
 
 Pre-check (`check_cells`, run by the sweep before any cell): every unfinished cell names a shipped member
 and its rules fit the member's abstract network (``nnx.eval_shape`` from the checkpoint's constructor
@@ -36,13 +38,12 @@ from flax import nnx
 
 from bitlaws import checkpoint
 from bitlaws.demo import dit_family, family, metric, var_family  # noqa: F401  (registers the families)
-from bitlaws.quant import bit_accounting, cached_calibration, transform
+from bitlaws.quant import CalibrationData, bit_accounting, cached_calibration, calibrate_on, transform
 from bitlaws.sweep import runner, settings
 from bitlaws.sweep.grid import Cell
 
-# PTQ calibration data (methods that need statistics or Hessians; RTN does not): real training digits, see
-# `family.calibration_digits`. Override with ``config.demo.calibration``.
-DEFAULT_CALIBRATION = {"num_batches": 4, "batch_size": 32, "seed": 0}
+# PTQ calibration data (methods that need statistics or Hessians; RTN does not): `family.DEFAULT_CALIBRATION`
+# (the float model's own samples) overridden by ``config.demo.calibration``.
 # Each cell saves the first ``config.demo.grid_per_class`` samples of every digit as a PNG grid under
 # ``OUT/samples/<model>/`` (when the sweep gives an ``out_dir``); 0 turns it off.
 DEFAULT_GRID_PER_CLASS = 4
@@ -60,35 +61,34 @@ def make_evaluator(config: ml_collections.ConfigDict):
     out_dir = pathlib.Path(config.out_dir) if config.get("out_dir", None) else None
     options = settings.quant_options(config)
     load = functools.lru_cache(maxsize=None)(family.load_member)
-    calibration = dict(DEFAULT_CALIBRATION, **dict(config.demo.get("calibration", None) or {}))
-    unknown = set(calibration) - set(DEFAULT_CALIBRATION)
-    if unknown:
-        raise ValueError(f"config.demo.calibration: unknown field(s) {sorted(unknown)}; "
-                         f"valid: {sorted(DEFAULT_CALIBRATION)}")
+    calibration_options = family.calibration_options(config.demo.get("calibration", None))
 
     @functools.lru_cache(maxsize=None)
-    def calibration_batches(name: str) -> list:
-        return load(name).calibration_batches(int(calibration["num_batches"]), int(calibration["batch_size"]),
-                                              int(calibration["seed"]))
+    def member_calibration(name: str) -> tuple[CalibrationData, settings.CalibrateFn]:
+        """One calibration data set and one cached calibration per member: statistics depend on (member,
+        matched layers, act specs) only."""
+        data = family.calibration_data(load(name), calibration_options)
+        return data, cached_calibration(calibrate_on(data))
 
-    @functools.lru_cache(maxsize=None)
-    def calibrate_fn(name: str) -> settings.CalibrateFn:
-        """One cached calibration per member: statistics depend on (member, matched layers, act specs) only."""
-        member = load(name)
-
-        def calibrate(model, rules, record_hessian):
-            return transform.run_calibration(model, rules, member.calibration_forward,
-                                             calibration_batches(member.name), record_hessian=record_hessian)
-
-        return cached_calibration(calibrate)
+    current = {"model": None}
 
     def evaluate(cell: Cell) -> dict[str, Any]:
+        if cell.model != current["model"]:
+            # Cells come model by model: drop the previous member's compiled programs and calibration. A long
+            # sweep otherwise accumulates thousands of executables (each LLVM-compiled program holds memory
+            # mappings; the process hit "LLVM compilation error: Cannot allocate memory" after ~75 PTQ cells).
+            jax.clear_caches()
+            member_calibration.cache_clear()
+            current["model"] = cell.model
         member = load(cell.model)
         rules = cell.rules(member.quant_pattern, **options)
         materialize = settings.materialize_for(config, cell.setting)
+        method = settings.get_method(cell.method)
+        uses_data = bool(rules) and (method.needs_stats or any(r.act is not None and r.act.static for r in rules))
+        data, calibrate = member_calibration(member.name) if uses_data else (None, None)
         quantized = settings.quantize_for_cell(
             member.model, rules, cell.method,
-            settings.MethodContext(params=cell.params, calibrate=calibrate_fn(member.name), seed=cell.prng_seed,
+            settings.MethodContext(params=cell.params, calibrate=calibrate, data=data, seed=cell.prng_seed,
                                    materialize=materialize))
         labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), n_per_class)
         images = np.clip(np.asarray(member.sample(quantized, labels, jax.random.key(cell.model_seed))), -1.0, 1.0)
@@ -100,6 +100,8 @@ def make_evaluator(config: ml_collections.ConfigDict):
                       metric_name=METRIC_NAME, family=member.family, n_params=int(report.total_params),
                       mt_bits=int(report.mt_bits), ct_bits=int(report.ct_bits),
                       storage_bytes=int(storage), materialize=materialize if rules else "float")
+        if data is not None:
+            record["calibration"] = dict(data.description)
         if out_dir is not None and samples_per_class > 0:
             relative = pathlib.Path(SAMPLES_DIR) / cell.model / f"{cell.key.replace('|', '_')}.png"
             save_sample_grid(images, n_per_class, min(samples_per_class, n_per_class), out_dir / relative)

@@ -14,6 +14,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bitlaws.quant.methods import CalibrationData
+
+# Where PTQ calibration inputs come from: ``samples`` (the paper's protocol: the float model's own samples, labels
+# spread over the classes) or ``data`` (real training digits).
+CALIBRATION_SOURCES = ("samples", "data")
+DEFAULT_CALIBRATION = {"source": "samples", "num_batches": 4, "batch_size": 32, "seed": 0}
+
 
 class DemoMember(Protocol):
     """One trained demo model."""
@@ -26,8 +33,11 @@ class DemoMember(Protocol):
     def sample(self, model: nnx.Module, labels: np.ndarray, key: jax.Array) -> np.ndarray:
         """Class-conditional samples ``[B, 16, 16, 3]`` float32 in [-1, 1] drawn with `model` (maybe quantized)."""
 
-    def calibration_batches(self, num_batches: int, batch_size: int, seed: int) -> list[Any]:
-        """Deterministic calibration inputs of `model` built from real training digits (see `calibration_digits`)."""
+    def calibration_batches(self, num_batches: int, batch_size: int, seed: int, source: str = "data") -> list[Any]:
+        """Deterministic calibration inputs of `model` from `source` (`CALIBRATION_SOURCES`)."""
+
+    def calibration_protocol(self, source: str) -> str:
+        """One sentence saying what the calibration inputs of `source` are (for records)."""
 
     def calibration_forward(self, model: nnx.Module, batch: Any) -> Any:
         """Runs `model` (a ``calibrate``-mode copy) on one calibration batch; its statistics are the side effect."""
@@ -66,6 +76,52 @@ def load_member(name: str) -> DemoMember:
     return _FAMILIES[family].load(name)
 
 
+def calibration_options(options: Any = None) -> dict[str, Any]:
+    """`DEFAULT_CALIBRATION` overridden by `options` (a mapping), validated.
+
+    Raises:
+        ValueError: unknown option names or source, non-positive sizes.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(DEFAULT_CALIBRATION))
+    if unknown:
+        raise ValueError(f"calibration options: unknown field(s) {unknown}; valid: {sorted(DEFAULT_CALIBRATION)}")
+    options = {**DEFAULT_CALIBRATION, **options}
+    source = str(options["source"])
+    if source not in CALIBRATION_SOURCES:
+        raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES}, got {source!r}")
+    num_batches, batch_size, seed = int(options["num_batches"]), int(options["batch_size"]), int(options["seed"])
+    if num_batches < 1 or batch_size < 1:
+        raise ValueError(f"calibration needs num_batches >= 1 and batch_size >= 1, got {num_batches}, {batch_size}")
+    return {"source": source, "num_batches": num_batches, "batch_size": batch_size, "seed": seed}
+
+
+def calibration_data(member: DemoMember, options: Any = None) -> CalibrationData:
+    """The PTQ calibration data of `member` for `options` (see `calibration_options`).
+
+    The batches are computed once here (sampling the float model for ``source="samples"``); the description
+    (source, sizes, seed, protocol sentence) goes into every sweep record and quantized checkpoint.
+    """
+    options = calibration_options(options)
+    source, num_batches, batch_size, seed = (options[k] for k in ("source", "num_batches", "batch_size", "seed"))
+    batches = member.calibration_batches(num_batches, batch_size, seed, source=source)
+    description = {"source": source, "num_batches": num_batches, "batch_size": batch_size, "seed": seed,
+                   "protocol": member.calibration_protocol(source)}
+    return CalibrationData(member.calibration_forward, batches, description)
+
+
+def spread_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
+    """``[n]`` int32 labels covering the classes as evenly as possible (counts differ by at most one), shuffled."""
+    labels = np.arange(n, dtype=np.int32) % num_classes
+    return np.random.default_rng([seed, 1]).permutation(labels).astype(np.int32)
+
+
+def with_null_labels(labels: np.ndarray, null_class: int, rng: np.random.Generator,
+                     null_fraction: float = 0.5) -> np.ndarray:
+    """`labels` with a share `null_fraction` replaced by `null_class` (CFG runs the network on both)."""
+    return np.where(rng.random(labels.shape[0]) < null_fraction, null_class, labels).astype(np.int32)
+
+
 def calibration_digits(num_batches: int, batch_size: int, seed: int, null_class: int,
                        null_fraction: float = 0.5) -> list[tuple[np.ndarray, np.ndarray, np.random.Generator]]:
     """Batches of real training digits for PTQ calibration, the same for every precision of a member.
@@ -86,7 +142,7 @@ def calibration_digits(num_batches: int, batch_size: int, seed: int, null_class:
     for index in range(num_batches):
         rng = np.random.default_rng([seed, index])
         rows = rng.choice(len(data), batch_size, replace=batch_size > len(data))
-        labels = np.where(rng.random(batch_size) < null_fraction, null_class, data.labels[rows]).astype(np.int32)
+        labels = with_null_labels(data.labels[rows], null_class, rng, null_fraction)
         batches.append((data.images[rows], labels, rng))
     return batches
 

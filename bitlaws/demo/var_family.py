@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bitlaws import checkpoint
 from bitlaws.demo.data import DigitsData, load_digits
-from bitlaws.demo.family import calibration_digits, register_family
+from bitlaws.demo.family import calibration_digits, register_family, spread_labels, with_null_labels
 from bitlaws.models.var import VAR
 from bitlaws.models.vqvae import VQVAE, area_resize, bicubic_resize
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
@@ -606,13 +606,42 @@ class VarMember:
                                           cfg=self.cfg, top_k=self.top_k, top_p=self.top_p)  # [B, H, W, 3] in [0, 1]
         return np.asarray(images, np.float32) * 2.0 - 1.0
 
-    def calibration_batches(self, num_batches: int, batch_size: int, seed: int) -> list[tuple[jax.Array, jax.Array]]:
-        """``(labels [B], teacher-forced inputs [B, L - 1, Cvae])`` of tokenized real digits (half null-class)."""
+    def calibration_batches(self, num_batches: int, batch_size: int, seed: int,
+                            source: str = "data") -> list[tuple[jax.Array, jax.Array]]:
+        """``(labels [B], teacher-forced inputs [B, L - 1, Cvae])``, half of the labels the null class.
+
+        ``source="data"``: token maps of real training digits. ``source="samples"`` (the paper's protocol):
+        token maps the float model samples itself (the member's cfg / top-k / top-p) for labels spread evenly
+        over the classes, drawn in one batch of ``num_batches * batch_size`` from a key derived from `seed`.
+        """
+        if source == "data":
+            batches = []
+            for images, labels, _ in calibration_digits(num_batches, batch_size, seed, self.model.num_classes):
+                _, inputs = tokenize(self.tokenizer, images, batch_size=batch_size)
+                batches.append((jnp.asarray(labels), jnp.asarray(inputs)))
+            return batches
+        if source != "samples":
+            raise ValueError(f"VAR calibration source must be 'samples' or 'data', got {source!r}")
+        n = num_batches * batch_size
+        labels = spread_labels(n, self.model.num_classes, seed)
+        drawn = autoregressive_infer_cfg(self.model, self.tokenizer, B=n, label_B=labels,
+                                         key=jax.random.key(seed), cfg=self.cfg, top_k=self.top_k, top_p=self.top_p,
+                                         return_logits=True)
+        inputs = self.tokenizer.idx_bl_to_var_input(drawn.tokens)  # [n, L - 1, Cvae]
         batches = []
-        for images, labels, _ in calibration_digits(num_batches, batch_size, seed, self.model.num_classes):
-            _, inputs = tokenize(self.tokenizer, images, batch_size=batch_size)
-            batches.append((jnp.asarray(labels), jnp.asarray(inputs)))
+        for index in range(num_batches):
+            rows = slice(index * batch_size, (index + 1) * batch_size)
+            rng = np.random.default_rng([seed, index])
+            batch_labels = with_null_labels(labels[rows], self.model.num_classes, rng)
+            batches.append((jnp.asarray(batch_labels), inputs[rows]))
         return batches
+
+    def calibration_protocol(self, source: str) -> str:
+        if source == "samples":
+            return (f"teacher-forced on token maps of the float model's own samples (cfg {self.cfg}, top-k "
+                    f"{self.top_k}, top-p {self.top_p}), labels spread evenly over the classes, half of each batch "
+                    f"relabelled as the null class")
+        return "teacher-forced on token maps of real training digits, half of each batch relabelled as the null class"
 
     def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         """Teacher-forced logits ``[B, L, V]`` (all scales in one pass, as in training)."""

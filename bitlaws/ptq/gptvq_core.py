@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import jax
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 
 from bitlaws.ptq import gptq_core
 from bitlaws.quant import packing
+from bitlaws.quant.qarray import PackedArray
 
 HIGHEST = jax.lax.Precision.HIGHEST
 CODEBOOK_DTYPES = ("float16", "float32")
@@ -63,8 +65,11 @@ _F16_TOP_EXP = 15  # a codebook's largest magnitude is stored in (2^14, 2^15]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class VQArray:
+class VQArray(PackedArray):
     """A vector-quantized kernel: packed centroid indices + codebooks; layout is static pytree metadata.
+
+    A `PackedArray`: packed layers hold it like a `QArray` (the seam dequantizes it, the bit accounting
+    counts its `nbytes`, and `model_bits` = ``nbytes * 8``: VQ has no nominal per-weight width).
 
     Attributes:
         indices: uint8 ``[packed_length(K / dim, index_bits), N]``: the index of each vector, packed along the
@@ -116,6 +121,15 @@ class VQArray:
         return self.nbytes * 8 / self.size
 
     @property
+    def model_bits(self) -> int:
+        """Bits counted in the total model bits MT: everything stored, ``nbytes * 8``."""
+        return self.nbytes * 8
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """``dequantize_vq(self, dtype)``: the ``shape`` kernel in `dtype` (default: the original dtype)."""
+        return dequantize_vq(self, jnp.dtype(dtype or self.dtype).name)
+
+    @property
     def codebooks_f32(self) -> jax.Array:
         """The centroids ``[R, C, 2^index_bits, dim]`` as float32 (exactly what `dequantize_vq` uses)."""
         return decode_codebooks(self.codebooks, self.codebook_exp)
@@ -124,6 +138,24 @@ class VQArray:
         return (f"VQArray(shape={self.shape}, dim={self.dim}, index_bits={self.index_bits}, "
                 f"group={self.group_size}x{self.group_cols}, nbytes={self.nbytes}, "
                 f"bits_per_weight={self.bits_per_weight:.3f})")
+
+
+def vq_nbytes(shape: tuple[int, ...], *, bits_per_dim: int, dim: int, group_size: int,
+              group_cols: Optional[int] = None, codebook_dtype: str = "float16") -> int:
+    """Bytes the `VQArray` of a kernel of `shape` with this layout stores, computed analytically.
+
+    Equals ``quantize_weight(w, h, ...).nbytes`` for a ``w`` of `shape` (layout not validated here: see
+    `gptvq`). Indices: ``packed_length(K / dim, bits_per_dim * dim) * N`` bytes; each of the
+    ``K / group_size * N / group_cols`` codebooks: ``2^(bits_per_dim * dim) * dim`` float16 (+ an int16
+    exponent) or float32 values.
+    """
+    n = shape[-1]
+    k = math.prod(shape) // n
+    index_bits = bits_per_dim * dim
+    codebooks = (k // group_size) * (n // (n if group_cols is None else group_cols))
+    value_bytes = 2 if codebook_dtype == "float16" else 4
+    per_codebook = 2**index_bits * dim * value_bytes + (2 if codebook_dtype == "float16" else 0)
+    return packing.packed_length(k // dim, index_bits) * n + codebooks * per_codebook
 
 
 def _ceil_log2(x: jax.Array) -> jax.Array:
@@ -443,6 +475,22 @@ def _layout(k: int, n: int, bits_per_dim: int, dim: int, group_size: int, group_
     return index_bits, group_cols, math.gcd(block_size, group_size)
 
 
+def check_options(*, em_iters: int, update_iters: int, damp: float, init: str, metric: str,
+                  codebook_dtype: str) -> None:
+    """Validates the layout-independent options of `gptvq`; errors name the bad option."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if codebook_dtype not in CODEBOOK_DTYPES:
+        raise ValueError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {codebook_dtype!r}")
+    for name, value in (("em_iters", em_iters), ("update_iters", update_iters)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp >= 0:
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+
+
 def gptvq(w: jax.Array, hessian: jax.Array, *, bits_per_dim: int, dim: int = 2, group_size: int = 256,
           group_cols: Optional[int] = None, em_iters: int = 30, codebook_update: bool = True,
           update_iters: int = 8, block_size: int = 128, damp: float = 0.01, seed: int = 0,
@@ -458,18 +506,8 @@ def gptvq(w: jax.Array, hessian: jax.Array, *, bits_per_dim: int, dim: int = 2, 
     k, n = view.shape
     hessian = gptq_core.check_hessian(hessian, k)
     index_bits, group_cols, block = _layout(k, n, bits_per_dim, dim, group_size, group_cols, block_size)
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if codebook_dtype not in CODEBOOK_DTYPES:
-        raise ValueError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {codebook_dtype!r}")
-    if not isinstance(em_iters, int) or em_iters < 0:
-        raise ValueError(f"em_iters must be a non-negative integer, got {em_iters!r}")
-    if not isinstance(update_iters, int) or update_iters < 0:
-        raise ValueError(f"update_iters must be a non-negative integer, got {update_iters!r}")
-    if not damp >= 0:
-        raise ValueError(f"damp must be >= 0, got {damp!r}")
+    check_options(em_iters=em_iters, update_iters=update_iters, damp=damp, init=init, metric=metric,
+                  codebook_dtype=codebook_dtype)
     return _gptvq_view(view, hessian, jnp.float32(damp), jnp.int32(seed), jnp.int32(em_iters),
                        jnp.int32(update_iters if codebook_update else 0), jnp.bool_(codebook_dtype == "float16"),
                        dim=dim, group_size=group_size, group_cols=group_cols, index_bits=index_bits,

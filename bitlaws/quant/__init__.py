@@ -11,7 +11,8 @@ from bitlaws.quant.calibrate import register_calibrator
 from bitlaws.quant.formats import (FpFormat, IntFormat, LutFormat, MxFormat, QFormat, format_names, parse_format,
                                    register_format)
 from bitlaws.quant.layers import QConv, QLinear, QuantizedLayer
-from bitlaws.quant.methods import (MethodProblem, MethodResult, QuantMethod, Target, cached_calibration, get_method,
+from bitlaws.quant.methods import (CalibrationData, MethodProblem, MethodResult, QuantMethod, Target,
+                                   cached_calibration, calibrate_on, get_method,
                                    method_names, register_method, register_weight_method)
 from bitlaws.quant.qarray import QArray, dequantize, fake_quant, quantize
 from bitlaws.quant.seam import ActStats, LayerQuant, qconv, qdot, register_backend
@@ -20,9 +21,11 @@ from bitlaws.quant.transform import (UnusedRuleWarning, apply_method, bake_fake_
                                      check_rules, match_rules, quantize_model, run_calibration, with_mode)
 
 __all__ = [
-    "ActStats", "BitReport", "FpFormat", "IntFormat", "LayerQuant", "LutFormat", "MethodProblem", "MethodResult",
+    "ActStats", "BitReport", "CalibrationData", "FpFormat", "IntFormat", "LayerQuant", "LutFormat",
+    "MethodProblem", "MethodResult",
     "MxFormat", "QArray", "QConv", "QFormat", "QLinear", "QuantMethod", "QuantRule", "QuantSpec", "QuantizedLayer",
     "Target", "UnusedRuleWarning", "apply_method", "bake_fake_weights", "bit_accounting", "cached_calibration",
+    "calibrate_on",
     "calibration_stats", "check_rules", "dequantize", "fake_quant", "format_names", "get_method", "match_rules",
     "method_names", "parse_format", "qarray_nbytes", "qconv", "qdot", "quantize", "quantize_model",
     "register_backend", "register_calibrator", "register_format", "register_method", "register_weight_method",

@@ -9,9 +9,15 @@ For every parameter tensor with N values:
   ``16 · N`` model bits and ``16 · 16 · N`` compute bits.
 
 ``storage_bytes`` is what the weights really occupy when deployed: packed values + scales + zero points
-for quantized kernels (measured from the live `QArray`s of a packed model; for rules or fake/baked models,
-computed analytically by `qarray_nbytes`, which equals `QArray.nbytes`), and 2 bytes per value for
-everything else.
+for quantized kernels (measured from the live `QArray`s of a packed model; for fake/baked models and float
+models under rules, computed analytically by `qarray_nbytes`, which equals `QArray.nbytes`), and 2 bytes per
+value for everything else.
+
+Packed layers are measured from their live arrays (the `PackedArray` interface: ``nbytes`` and
+``model_bits``). For a `QArray` that gives exactly the spec's numbers above. A vector-quantized kernel
+(GPTVQ's `VQArray`) has no nominal per-weight width: it counts everything it stores, ``b_w = nbytes · 8 / N``
+(indices + codebooks), in MT and CT alike; only the live array knows that layout, so such layers are
+measured from the model, with or without rules.
 """
 
 from __future__ import annotations
@@ -51,13 +57,24 @@ def qarray_nbytes(shape: Sequence[int], spec: QuantSpec, reduce_axes: Optional[S
 
 @dataclasses.dataclass(frozen=True)
 class LayerBits:
-    """Accounting of one seam layer's kernel."""
+    """Accounting of one seam layer's kernel.
+
+    Attributes:
+        path: Dotted layer path.
+        params: Values of the kernel, N.
+        bits_w: Weight bits per value: the format's nominal bits (16 for float), or the effective
+            ``model_bits / params`` of a vector-quantized kernel (then not an integer).
+        bits_a: Activation bits (16 for float).
+        storage_bytes: Deployed bytes of the kernel.
+        model_bits: The kernel's MT bits, ``bits_w · params`` (an exact integer).
+    """
 
     path: str
     params: int
-    bits_w: int
+    bits_w: float
     bits_a: int
     storage_bytes: int
+    model_bits: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +110,12 @@ def _param_count(model: nnx.Module) -> int:
 def bit_accounting(model: nnx.Module, rules: Optional[Sequence[QuantRule]] = None) -> BitReport:
     """MT, CT and storage of `model` under `rules` (or under its own layer settings if `rules` is None).
 
+    Without rules, packed layers are measured from their live arrays (``nbytes``, ``model_bits``). With
+    rules, the matched layers' specs give the numbers analytically (`qarray_nbytes`), except for a layer that
+    holds a live packed array and gets a weight spec: it is measured from that array — identical for a
+    `QArray` packed with that spec, and the only correct count for a vector-quantized (GPTVQ) kernel, whose
+    storage no spec describes.
+
     Works on concrete and abstract (`nnx.eval_shape`) models alike.
     """
     assignments = match_rules(model, rules).assignments if rules is not None else None
@@ -107,18 +130,21 @@ def bit_accounting(model: nnx.Module, rules: Optional[Sequence[QuantRule]] = Non
         else:
             w_spec = layer.quant.weight if layer.quant.quantizes_weights else None
             a_spec = layer.quant.act if layer.quant.quantizes_acts else None
-        bits_w = w_spec.bits if w_spec else FLOAT_BITS
         bits_a = a_spec.bits if a_spec else FLOAT_BITS
-        if layer.qkernel is not None and assignments is None:
-            storage = int(layer.qkernel.get_value().nbytes)  # measured: the live packed arrays
+        if layer.qkernel is not None and w_spec is not None:
+            packed = layer.qkernel.get_value()  # measured: the live packed arrays
+            storage, model_bits = int(packed.nbytes), int(packed.model_bits)
+        elif w_spec is not None:
+            storage, model_bits = qarray_nbytes(shape, w_spec), w_spec.bits * n
         else:
-            storage = qarray_nbytes(shape, w_spec) if w_spec else n * FLOAT_BITS // 8
-        layers.append(LayerBits(path, n, bits_w, bits_a, storage))
+            storage, model_bits = n * FLOAT_BITS // 8, FLOAT_BITS * n
+        bits_w = model_bits // n if model_bits % n == 0 else model_bits / n
+        layers.append(LayerBits(path, n, bits_w, bits_a, storage, model_bits))
         if layer.qkernel is not None:
             packed_kernel_params += n  # a packed kernel is a QWeight, not an nnx.Param
     total = _param_count(model) + packed_kernel_params
     other = total - sum(l.params for l in layers)
-    mt = sum(l.bits_w * l.params for l in layers) + FLOAT_BITS * other
-    ct = sum(l.bits_w * l.bits_a * l.params for l in layers) + FLOAT_BITS * FLOAT_BITS * other
+    mt = sum(l.model_bits for l in layers) + FLOAT_BITS * other
+    ct = sum(l.model_bits * l.bits_a for l in layers) + FLOAT_BITS * FLOAT_BITS * other
     storage = sum(l.storage_bytes for l in layers) + other * FLOAT_BITS // 8
     return BitReport(tuple(layers), other, total, mt, ct, storage)

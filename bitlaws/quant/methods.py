@@ -43,6 +43,28 @@ CalibrateFn = Callable[[nnx.Module, Sequence[QuantRule], bool], Mapping[str, Act
 
 
 @dataclasses.dataclass(frozen=True)
+class CalibrationData:
+    """The data every calibration of a model derives from.
+
+    Attributes:
+        forward: ``forward(model, batch)`` runs `model` (any version of it: float, calibrating, partly
+            quantized, with capture hooks) on one batch; its output is ignored. May be `nnx.jit`-compiled.
+        batches: The calibration batches (any pytrees `forward` accepts).
+        description: What the data is, for records (e.g. ``{"source": "own_samples", "labels": "spread",
+            "n": 128}``); JSON-serialisable.
+    """
+
+    forward: Callable[[nnx.Module, Any], Any]
+    batches: Sequence[Any]
+    description: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def run(self, model: nnx.Module) -> None:
+        """Runs `forward` on every batch (the side effects - recorded statistics, captures - are the point)."""
+        for batch in self.batches:
+            self.forward(model, batch)
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """One layer a method quantizes.
 
@@ -69,6 +91,8 @@ class MethodProblem:
         params: Hyper-parameters (the method's defaults overridden by the caller's values).
         seed: PRNG seed for methods with randomness.
         calibrate: Calibration callback for methods that recalibrate (sequential GPTQ), or None.
+        data: The calibration data itself, for methods that run the model on it in their own way (block-wise
+            OmniQuant captures block inputs), or None.
     """
 
     model: nnx.Module
@@ -76,6 +100,7 @@ class MethodProblem:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     calibrate: Optional[CalibrateFn] = None
+    data: Optional[CalibrationData] = None
 
 
 @dataclasses.dataclass
@@ -245,21 +270,32 @@ def act_signature(model: nnx.Module, rules: Sequence[QuantRule]) -> tuple:
     return tuple(sorted((path, rule.act) for path, rule in matched.items()))
 
 
+def calibrate_on(data: CalibrationData) -> CalibrateFn:
+    """The calibration callback of `data`: statistics of the rules' layers over ``data.batches``."""
+    from bitlaws.quant import transform  # pylint: disable=g-import-not-at-top  (transform imports this module)
+
+    def calibrate(model: nnx.Module, rules: Sequence[QuantRule], record_hessian: bool) -> Mapping[str, ActStats]:
+        return transform.run_calibration(model, rules, data.forward, data.batches, record_hessian=record_hessian)
+
+    return calibrate
+
+
 def cached_calibration(calibrate: CalibrateFn) -> CalibrateFn:
     """Wraps `calibrate` so statistics are computed once per (model, matched layers + act specs, Hessian).
 
     A result with Hessians also serves requests without them. The cache lives as long as the wrapper (a sweep
     evaluator keeps one per model).
     """
-    cache: dict[tuple, Mapping[str, ActStats]] = {}
+    cache: dict[tuple, tuple[nnx.Module, Mapping[str, ActStats]]] = {}
 
     def cached(model: nnx.Module, rules: Sequence[QuantRule], record_hessian: bool) -> Mapping[str, ActStats]:
         key = (id(model), act_signature(model, rules))
         for hessian in ((True,) if record_hessian else (False, True)):
             if key + (hessian,) in cache:
-                return cache[key + (hessian,)]
+                return cache[key + (hessian,)][1]
         stats = calibrate(model, rules, record_hessian)
-        cache[key + (bool(record_hessian),)] = stats
+        # The entry keeps the model alive so that its id cannot be reused by another model while cached.
+        cache[key + (bool(record_hessian),)] = (model, stats)
         return stats
 
     cached.cache = cache  # for tests and introspection

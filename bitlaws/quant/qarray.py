@@ -21,10 +21,16 @@ of `calibrate`: their group dequantizes to NaN in the fake and the packed path a
 
 Packing along K keeps every output column independent, which is what a matmul kernel tiling over N and
 streaming over K wants.
+
+`PackedArray` is the small interface every packed weight offers (`QArray` here, GPTVQ's `VQArray` in
+`bitlaws.ptq.gptvq_core`): ``shape``, ``nbytes``, ``model_bits`` and ``dequantize(dtype)``. The seam, the
+``baked`` materialization and the bit accounting use only this interface, so a new storage type needs no
+change there.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -109,9 +115,38 @@ def compute_params(grouped: jax.Array, spec: QuantSpec) -> tuple[jax.Array, Opti
     return calibrate.group_params(grouped, spec)
 
 
+class PackedArray(abc.ABC):
+    """A packed (real low-bit) weight: what the seam, ``baked`` materialization and bit accounting need of it.
+
+    Subclasses are frozen pytree dataclasses whose layout is static metadata (so they pass through
+    `jax.jit` / `nnx.jit`) and define:
+
+    * ``shape``: the original tensor's shape (a static field);
+    * `nbytes`: the real storage in bytes (everything stored: codes, scales, codebooks, ...);
+    * `model_bits`: the bits the bit accounting counts for the tensor in the total model bits MT;
+    * `dequantize`: the float tensor it stands for.
+    """
+
+    shape: tuple[int, ...]
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Real storage in bytes."""
+
+    @property
+    @abc.abstractmethod
+    def model_bits(self) -> int:
+        """Bits counted in the total model bits MT (see `bitlaws.quant.accounting`)."""
+
+    @abc.abstractmethod
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The dequantized tensor, in `shape`, in `dtype` (default: the original dtype)."""
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QArray:
+class QArray(PackedArray):
     """A quantized tensor: packed codes + scale (+ zero point); layout is static pytree metadata.
 
     Attributes:
@@ -153,6 +188,15 @@ class QArray:
         if isinstance(self.format, formats.LutFormat):
             total += self.format.table_nbytes
         return int(total)
+
+    @property
+    def model_bits(self) -> int:
+        """The format's nominal bits per value times the values (the paper's ``b_w · N``; scales not counted)."""
+        return self.format.bits * self.size
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """``dequantize(self, dtype)``."""
+        return dequantize(self, dtype)
 
     @property
     def scale_f32(self) -> jax.Array:

@@ -10,10 +10,15 @@ mode           behaviour
 ``calibrate``  float computation; the layer records activation statistics (`observe`)
 ``fake``       simulated quantization with straight-through gradients (QAT): weights and
                activations are quantize-dequantized in float, so there is **no speed-up**
-``packed``     weights are a `QArray` (real low-bit storage); a matmul *backend* computes with it.
-               ``xla`` dequantizes then dots (memory saving, no speed-up); issue [7/8] registers a
-               ``pallas`` backend with real low-bit kernels. Activations are still fake-quantized.
+``packed``     weights are a `PackedArray` (real low-bit storage: a `QArray`, or GPTVQ's `VQArray`);
+               a matmul *backend* computes with it. ``xla`` dequantizes then dots (memory saving,
+               no speed-up); issue [7/8] registers a ``pallas`` backend with real low-bit kernels.
+               Activations are still fake-quantized.
 =============  ================================================================================
+
+Packed weights are used only through the `PackedArray` interface (``w.dequantize(dtype)``), so every
+storage type runs through the same code; a backend with kernels for one storage type should refuse others
+by name.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from bitlaws.quant import calibrate, qarray
-from bitlaws.quant.qarray import QArray
+from bitlaws.quant.qarray import PackedArray
 from bitlaws.quant.spec import QuantSpec
 
 MODES = ("fp", "calibrate", "fake", "packed")
@@ -196,12 +201,12 @@ def quantize_activation(x: jax.Array, quant: LayerQuant, act_params: Optional[Ac
 
 # ----------------------------------------------------------------------------------------------------
 # Matmul backends for `packed` mode.
-MatmulBackend = Callable[[jax.Array, QArray], jax.Array]
+MatmulBackend = Callable[[jax.Array, PackedArray], jax.Array]
 _BACKENDS: dict[str, MatmulBackend] = {}
 
 
 def register_backend(name: str, fn: Optional[MatmulBackend] = None):
-    """Registers ``fn(x [M, K], w: QArray of a [K, N] kernel) -> [M, N]`` as a packed-mode backend."""
+    """Registers ``fn(x [M, K], w: PackedArray of a [K, N] kernel) -> [M, N]`` as a packed-mode backend."""
 
     def wrap(f: MatmulBackend) -> MatmulBackend:
         _BACKENDS[name] = f
@@ -217,19 +222,19 @@ def get_backend(name: str) -> MatmulBackend:
 
 
 @register_backend("xla")
-def xla_dequant_matmul(x: jax.Array, w: QArray) -> jax.Array:
-    """Reference backend: dequantize the weight to x's dtype, then one XLA dot."""
-    return jnp.dot(x, qarray.dequantize(w, x.dtype))
+def xla_dequant_matmul(x: jax.Array, w: PackedArray) -> jax.Array:
+    """Reference backend for every storage type: dequantize the weight to x's dtype, then one XLA dot."""
+    return jnp.dot(x, w.dequantize(x.dtype))
 
 
-def qdot(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP, *,
+def qdot(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant = FP, *,
          bias: Optional[jax.Array] = None, act_params: Optional[ActQParams] = None,
          input_scale: Optional[jax.Array] = None) -> jax.Array:
     """``x @ kernel (+ bias)`` through the quantization seam.
 
     Args:
         x: ``[..., K]`` activations.
-        kernel: ``[K, N]`` float kernel, or a `QArray` of one in ``packed`` mode.
+        kernel: ``[K, N]`` float kernel, or a `PackedArray` of one in ``packed`` mode.
         quant: The layer's static `LayerQuant`.
         bias: Optional ``[N]`` bias (never quantized).
         act_params: Calibrated parameters for static activation quantization.
@@ -242,7 +247,7 @@ def qdot(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP,
     if input_scale is not None:
         x = x / input_scale.astype(x.dtype)
     x = quantize_activation(x, quant, act_params)
-    if isinstance(kernel, QArray):
+    if isinstance(kernel, PackedArray):
         lead = x.shape[:-1]
         y = get_backend(quant.backend)(x.reshape(-1, x.shape[-1]), kernel)
         y = y.reshape(*lead, y.shape[-1])
@@ -258,7 +263,7 @@ def qdot(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP,
 ConvPadding = Union[str, Sequence[tuple[int, int]]]
 
 
-def qconv(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP, *,
+def qconv(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant = FP, *,
           strides: Sequence[int] = (1, 1), padding: ConvPadding = "SAME",
           dilation: Sequence[int] = (1, 1), feature_group_count: int = 1,
           bias: Optional[jax.Array] = None, act_params: Optional[ActQParams] = None,
@@ -267,7 +272,8 @@ def qconv(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP
 
     Args:
         x: ``[B, H, W, C]``.
-        kernel: ``[kh, kw, C / groups, O]`` float kernel, or its `QArray` (reduce axes (0, 1, 2)).
+        kernel: ``[kh, kw, C / groups, O]`` float kernel, or its `PackedArray` (e.g. a `QArray` with reduce
+            axes (0, 1, 2)).
         quant: The layer's static `LayerQuant`.
         strides, padding, dilation, feature_group_count: as in `jax.lax.conv_general_dilated`.
         bias: Optional ``[O]``.
@@ -280,8 +286,8 @@ def qconv(x: jax.Array, kernel: Union[jax.Array, QArray], quant: LayerQuant = FP
     if input_scale is not None:
         x = x / input_scale.astype(x.dtype)
     x = quantize_activation(x, quant, act_params)
-    if isinstance(kernel, QArray):
-        kernel = qarray.dequantize(kernel, x.dtype)
+    if isinstance(kernel, PackedArray):
+        kernel = kernel.dequantize(x.dtype)
     elif quant.quantizes_weights:
         kernel = qarray.fake_quant(kernel, quant.weight)
     y = jax.lax.conv_general_dilated(

@@ -155,7 +155,8 @@ MODES = ("calibrate",) + methods.MATERIALIZE
 def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],
                    calib_stats: Optional[Mapping[str, ActStats]] = None, *, mode: str = "fake",
                    method: str = "rtn", params: Optional[Mapping] = None, backend: str = "xla",
-                   record_hessian: bool = False, calibrate: Optional[methods.CalibrateFn] = None, seed: int = 0,
+                   record_hessian: bool = False, calibrate: Optional[methods.CalibrateFn] = None,
+                   data: Optional[methods.CalibrationData] = None, seed: int = 0,
                    warn_unused: bool = True) -> nnx.Module:
     """Returns a quantized (or calibrating) version of `model`; the input is left unchanged.
 
@@ -172,7 +173,9 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],
         backend: Matmul backend for ``packed`` layers.
         record_hessian: In ``calibrate`` mode, also accumulate ``X^T X`` per layer.
         calibrate: ``calibrate(model, rules, record_hessian) -> stats``, used when the method needs statistics
-            and `calib_stats` is None (and by methods that recalibrate).
+            and `calib_stats` is None (and by methods that recalibrate). Default with `data`: a cached
+            calibration over it.
+        data: The calibration data (`CalibrationData`), for methods that run the model on it themselves.
         seed: PRNG seed for methods with randomness.
         warn_unused: Emit an `UnusedRuleWarning` for each rule that matched nothing.
 
@@ -189,7 +192,7 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],
     if mode == "calibrate":
         return _calibration_model(model, rules, record_hessian=record_hessian, warn_unused=warn_unused)
     return apply_method(model, rules, method, materialize=mode, params=params, calib_stats=calib_stats,
-                        calibrate=calibrate, seed=seed, backend=backend, warn_unused=warn_unused)
+                        calibrate=calibrate, data=data, seed=seed, backend=backend, warn_unused=warn_unused)
 
 
 def _calibration_model(model: nnx.Module, rules: Sequence[QuantRule], *, record_hessian: bool,
@@ -211,8 +214,8 @@ def _calibration_model(model: nnx.Module, rules: Sequence[QuantRule], *, record_
 def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "rtn", *,
                  materialize: str = "packed", params: Optional[Mapping] = None,
                  calib_stats: Optional[Mapping[str, ActStats]] = None,
-                 calibrate: Optional[methods.CalibrateFn] = None, seed: int = 0, backend: str = "xla",
-                 warn_unused: bool = True) -> nnx.Module:
+                 calibrate: Optional[methods.CalibrateFn] = None, data: Optional[methods.CalibrationData] = None,
+                 seed: int = 0, backend: str = "xla", warn_unused: bool = True) -> nnx.Module:
     """Runs a registered method on the layers `rules` match and materializes its result as a new model.
 
     See `quantize_model` for the arguments (`materialize` is its `mode` without ``calibrate``). With no rules,
@@ -220,6 +223,8 @@ def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "r
     """
     if materialize not in methods.MATERIALIZE:
         raise ValueError(f"materialize must be one of {methods.MATERIALIZE}, got {materialize!r}")
+    if calibrate is None and data is not None:
+        calibrate = methods.cached_calibration(methods.calibrate_on(data))
     quant_method = methods.get_method(method)
     resolved = quant_method.resolve_params(params)
     seam.get_backend(backend)
@@ -239,9 +244,27 @@ def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "r
     if materialize == "fake" and method == "rtn":
         result = MethodResult()  # fake mode re-quantizes at every call: nothing to compute now
     else:
-        result = quant_method.fn(methods.MethodProblem(model, targets, resolved, seed, calibrate))
+        result = quant_method.fn(methods.MethodProblem(model, targets, resolved, seed, calibrate, data))
         _check_result(method, result, matched.assignments, materialize)
+        stats = _restatistics(model, rules, matched.assignments, result, stats, calibrate, backend)
     return _materialize(model, matched.assignments, result, materialize, stats, backend)
+
+
+def _restatistics(model, rules, assignments, result, stats, calibrate, backend):
+    """Statistics for static activation specs after a method's rewrites.
+
+    Smoothing methods change what a layer's activation quantizer sees (``x / s`` through an `InputScale` or a
+    folded predecessor), so static ranges calibrated on the float model would be wrong: the rewritten model
+    (float weights) is calibrated once more. Without rewrites or static specs `stats` is returned as is.
+    """
+    static = [path for path, rule in assignments.items() if rule.act is not None and rule.act.static]
+    if not static or not (result.kernels or result.params or result.input_scales):
+        return stats
+    if calibrate is None:
+        raise ValueError(f"static activation specs of {static} need recalibration after the method's rewrites; "
+                         f"pass a calibrate callback or calibration data")
+    rewritten = _materialize(model, assignments, dataclasses.replace(result, weights={}), "fake", stats, backend)
+    return {**stats, **calibrate(rewritten, rules, False)}
 
 
 def _statistics(model, rules, assignments, quant_method, calib_stats, calibrate):
@@ -320,7 +343,7 @@ def _materialize(model: nnx.Module, assignments: Mapping[str, QuantRule], result
             layer.kernel = None
             layer.quant = LayerQuant(mode="packed", weight=rule.weight, act=act, backend=backend)
         elif materialize == "baked":
-            layer.kernel.set_value(qarray.dequantize(result.weights[path], layer.kernel.get_value().dtype))
+            layer.kernel.set_value(result.weights[path].dequantize(layer.kernel.get_value().dtype))
             layer.quant = act_only
         else:
             layer.quant = LayerQuant(mode="fake", weight=rule.weight, act=act, backend=backend)

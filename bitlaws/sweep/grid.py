@@ -8,6 +8,7 @@ A sweep config (ml-collections) names the grid::
     config.methods = ("rtn",)                      # names in the sweep method registry
     config.seeds = (0,)
     config.method_params = {"gptq": {"damp": 0.01}}  # optional: one dict, or a list of dicts to sweep
+    config.method_settings = {"smoothquant": ("W8A8", "W4A8")}  # optional: where a method runs (default: all)
     config.imports = ("my_methods",)               # optional: modules registering custom methods
 
 Expansion order is models × settings × formats × methods × params × seeds (outer to inner), duplicates
@@ -181,6 +182,25 @@ def _validate_methods(methods: Sequence[str]) -> None:
             raise ValueError(f"method {method!r} is the float baseline: list 'W16A16' in settings instead")
 
 
+def _method_settings(config: ml_collections.ConfigDict, methods: Sequence[str]) -> dict[str, set[str]]:
+    """``config.method_settings`` as ``{method: {setting names}}`` (methods absent from it run everywhere).
+
+    Raises:
+        ValueError: a method that is not in ``config.methods`` or a malformed setting name.
+    """
+    block = config.get("method_settings", None) if hasattr(config, "get") else None
+    if not block:
+        return {}
+    result = {}
+    for method, names in dict(block).items():
+        if method not in methods:
+            raise ValueError(f"config.method_settings names method {method!r}, which is not in config.methods "
+                             f"{list(methods)}")
+        names = (names,) if isinstance(names, str) else tuple(names)
+        result[method] = {settings_lib.parse_setting(name).name for name in names}
+    return result
+
+
 def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
     """Expands `config` into cells and the reasons for every combination left out.
 
@@ -200,6 +220,7 @@ def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
             raise ValueError(f"unknown format family {family!r}; valid: {settings_lib.FORMAT_FAMILIES}")
     methods = _names(config, "methods")
     _validate_methods(methods)
+    method_settings = _method_settings(config, methods)
     seeds = _seeds(config)
 
     cells: dict[str, Cell] = {}
@@ -217,6 +238,8 @@ def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
                     skipped.setdefault(f"{model}|{setting}|{family}", reason)
                     continue
                 for method in methods:
+                    if method in method_settings and setting not in method_settings[method]:
+                        continue  # the config's choice, not a gap: not listed in `skipped`
                     for params in _param_sets(config, method):
                         for seed in seeds:
                             cell = Cell(model, setting, family, method, seed, params)

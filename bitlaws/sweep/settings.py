@@ -172,6 +172,8 @@ class MethodContext:
     Attributes:
         params: The cell's method hyper-parameters.
         calibrate: Calibration callback of the evaluator, or None when it has no calibration data.
+        data: The evaluator's calibration data (`bitlaws.quant.CalibrationData`), for methods that run the
+            model on it themselves (block-wise OmniQuant, sequential GPTQ), or None.
         seed: The cell's PRNG seed (`Cell.prng_seed`).
         materialize: ``baked`` (default: quantized values in float, one compilation for every weight-only
             setting), ``packed`` (real `QArray` storage) or ``fake`` (see `bitlaws.quant.methods`).
@@ -179,6 +181,7 @@ class MethodContext:
 
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     calibrate: Optional[CalibrateFn] = None
+    data: Optional[methods.CalibrationData] = None
     seed: int = 0
     materialize: str = "baked"
 
@@ -227,7 +230,8 @@ def quantize_for_cell(model: nnx.Module, rules: Sequence[QuantRule], method: str
     """Applies `method` with `rules` to `model` as `context.materialize`; no rules (W16A16): `model` itself."""
     context = context or MethodContext()
     return transform.apply_method(model, rules, method, materialize=context.materialize, params=context.params,
-                                  calibrate=context.calibrate, seed=context.seed, warn_unused=False)
+                                  calibrate=context.calibrate, data=context.data, seed=context.seed,
+                                  warn_unused=False)
 
 
 def quant_options(config) -> dict[str, Any]:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from bitlaws import ptq  # noqa: F401  (registers the methods)
-from bitlaws.quant import QuantRule, QuantSpec, quantize_model, run_calibration, with_mode
+from bitlaws.quant import CalibrationData, QuantRule, QuantSpec, quantize_model, run_calibration, with_mode
 
 
 def _error(model, quantized, x):
@@ -41,3 +41,22 @@ def test_awq_beats_rtn_at_w3(clip, mlp, inputs):
     rtn = quantize_model(model, rules, mode="packed")
     x = inputs(jax.random.key(1), 256, outliers=True)
     assert _error(model, awq, x) < 0.9 * _error(model, rtn, x)
+
+
+def test_static_activation_ranges_are_calibrated_on_the_smoothed_inputs(mlp, inputs):
+    model = mlp
+    rules = [QuantRule(module_path="fc.", weight=QuantSpec(format="int8"),
+                       act=QuantSpec(format="int8", granularity="tensor", static=True))]
+    batches = [inputs(jax.random.key(0), 512, outliers=True)]
+    data = CalibrationData(lambda m, b: m(b), batches)
+    smooth = quantize_model(model, rules, mode="packed", method="smoothquant", data=data)
+    # fc1 divides its input by s (no op to fold into here): its static range must be that of x / s.
+    s = smooth.fc1.input_scale.get_value()
+    expected = float(jnp.max(jnp.abs(batches[0] / s)))
+    scale = float(smooth.fc1.act_qparams.get_value().scale)
+    assert scale * 127 == pytest.approx(expected, rel=2e-3)
+    float_range = float(jnp.max(jnp.abs(batches[0])))
+    assert expected < 0.5 * float_range  # the outlier channels were tamed: the float range would be far off
+    with pytest.raises(ValueError, match="need recalibration after the method's rewrites"):
+        stats = run_calibration(model, rules, lambda m, b: m(b), batches)
+        quantize_model(model, rules, stats, mode="packed", method="smoothquant")

@@ -134,3 +134,17 @@ def test_registered_method_is_found_and_used_with_its_hyper_parameters():
             methods.register_method("fake-qat-for-test", lambda problem: MethodResult(), kind="qat")
     finally:
         methods._METHODS.pop("fake-qat-for-test")  # pylint: disable=protected-access
+
+
+def test_method_settings_restrict_where_a_method_runs():
+    from bitlaws import ptq  # noqa: F401  pylint: disable=g-import-not-at-top  (registers smoothquant, gptq)
+
+    config = _config(models=("m-a",), formats=("int",), methods=("rtn", "gptq", "smoothquant"),
+                     method_settings={"smoothquant": ("W8A8", "w4a8"), "gptq": "W4A16"})
+    expansion = grid.expand_grid_report(config)
+    ran = {(c.setting, c.method) for c in expansion.cells if c.method not in ("none", "rtn")}
+    assert ran == {("W8A8", "smoothquant"), ("W4A8", "smoothquant"), ("W4A16", "gptq")}
+    assert sum(c.method == "rtn" for c in expansion.cells) == 5
+    assert expansion.skipped == []  # the config's choice is not reported as a gap
+    with pytest.raises(ValueError, match="names method 'awq', which is not in config.methods"):
+        grid.expand_grid_report(_config(method_settings={"awq": ("W4A16",)}))
