@@ -46,6 +46,7 @@ def test_calibration_batches_feed_every_quantized_layer(name, source):
         assert int(layer_stats.batches) == 2 and float(layer_stats.count) > 0, path
 
 
+@pytest.mark.slow  # samples the float VAR (about 40 s on 2 cores)
 def test_var_calibrates_on_its_own_samples_with_spread_labels():
     member = family.load_member("var-d1")
     data = family.calibration_data(member, {"num_batches": 2, "batch_size": 10, "seed": 3})
