@@ -215,14 +215,18 @@ def test_smoothquant_with_and_without_folds_keeps_the_float_function():
     model = _dit()
     rules = _w8a8(DIT_PATTERN)
     stats = _synthetic_stats(model, DIT_PATTERN)
-    data = _dit_batch()
-    reference = _dit_forward(model, data)
-    targets = set(stats)
+    _check_fold_and_no_fold_keep_the_float_function(model, rules, stats, _dit_forward, _dit_batch(), set(stats))
+
+
+def _check_fold_and_no_fold_keep_the_float_function(model, rules, stats, forward, data, targets):
+    """SmoothQuant with and without folds, quantization off: both equal the float model within 1e-5, and only
+    the layers without a fold site keep an `InputScale` when folding."""
+    reference = forward(model, data)
     outputs = {}
     for fold in (True, False):
         smooth = apply_method(model, rules, "smoothquant", materialize="fake", calib_stats=stats,
                               params={"fold": fold})
-        outputs[fold] = _dit_forward(with_mode(smooth, "fp"), data)  # quantization off
+        outputs[fold] = forward(with_mode(smooth, "fp"), data)  # quantization off
         scaled = {path for path, layer in quant_layers(smooth) if layer.input_scale is not None}
         assert scaled == (targets - set(folds.fold_sites(model)) if fold else targets)
     assert _rel(outputs[True], reference) < 1e-5
@@ -237,15 +241,7 @@ def test_smoothquant_fold_matches_unfolded_and_beats_rtn_at_w8a8():
     data = _var_batch()
     reference = _var_forward(model, data)
     every = {path for path, _ in quant_layers(model)}
-    outputs = {}
-    for fold in (True, False):
-        smooth = apply_method(model, rules, "smoothquant", materialize="fake", calib_stats=stats,
-                              params={"fold": fold})
-        outputs[fold] = _var_forward(with_mode(smooth, "fp"), data)  # quantization off
-        scaled = {path for path, layer in quant_layers(smooth) if layer.input_scale is not None}
-        assert scaled == (every - set(folds.fold_sites(model)) if fold else every)
-    assert _rel(outputs[True], reference) < 1e-5
-    assert _rel(outputs[True], outputs[False]) < 1e-5
+    _check_fold_and_no_fold_keep_the_float_function(model, rules, stats, _var_forward, data, every)
     # W8A8 where the outliers are (the modulated inputs): folded SmoothQuant well below RTN
     rules = _w8a8(r"blocks\.\d+\.(attn\.mat_qkv|ffn\.fc1)|head")
     errors = {}
