@@ -67,11 +67,15 @@ def load_model(make_model: Callable[[], nnx.Module], directory: Union[str, pathl
         stored = _flat_shapes(jax.tree.map(lambda m: np.empty(m.shape, np.int8), dict(stored_tree)))
         wanted = _flat_shapes(jax.tree.map(lambda a: np.empty(a.shape, np.int8), target))
         if stored != wanted:
-            missing = sorted(set(wanted) - set(stored))
-            unexpected = sorted(set(stored) - set(wanted))
-            misshapen = sorted(k for k in set(stored) & set(wanted) if stored[k] != wanted[k])
-            raise ValueError(f"checkpoint {directory} does not match the model: missing {missing}, "
-                             f"unexpected {unexpected}, misshapen {misshapen}")
+            raise ValueError(f"checkpoint {directory} does not match the model: {tree_mismatch(stored, wanted)}")
         restored = checkpointer.restore(directory / STATE_DIR, target)
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
+
+
+def tree_mismatch(stored: dict, wanted: dict) -> str:
+    """``missing [...], unexpected [...], misshapen [...]`` between two ``{key: (shape, dtype)}`` maps."""
+    missing = sorted(set(wanted) - set(stored))
+    unexpected = sorted(set(stored) - set(wanted))
+    misshapen = sorted(k for k in set(stored) & set(wanted) if stored[k] != wanted[k])
+    return f"missing {missing}, unexpected {unexpected}, misshapen {misshapen}"

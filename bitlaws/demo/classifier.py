@@ -28,11 +28,11 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from bitlaws.checkpoint import load_metadata, load_model, save_model
 from bitlaws.demo.data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from bitlaws.quant.layers import QConv, QLinear
+from bitlaws.train import TrainConfig, train_module
 
 SHIPPED_CHECKPOINT = pathlib.Path(__file__).parent / "checkpoints" / "classifier"
 BACKGROUND = -1.0  # pixel value of the empty canvas in [-1, 1] images
@@ -163,29 +163,54 @@ def accuracy(model: DigitsClassifier, images: np.ndarray, labels: np.ndarray, ba
     return float(np.mean(predictions == np.asarray(labels)))
 
 
-def _make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, max_shift: int):
-    """The jitted step ``(params, rest, opt_state, images, labels, index, key) -> (params, opt_state, loss)``."""
+def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+    """The loop settings: AdamW, warm-up over 5 % of the steps (at least one), cosine to 1 %, no clipping."""
+    steps = int(config.train.steps)
+    return TrainConfig(steps=steps, learning_rate=config.train.learning_rate, warmup_steps=max(1, steps // 20),
+                       final_lr_fraction=0.01, weight_decay=config.train.weight_decay, grad_clip=None,
+                       seed=int(config.seed), log_every=int(config.train.get("log_every", 1)))
 
-    def loss_fn(params, rest, images, labels):
-        logits = nnx.merge(graphdef, params, rest)(images)  # [B, 10]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    @jax.jit
-    def step(params, rest, opt_state, all_images, all_labels, index, key):
-        images = random_shift(all_images[index], key, max_shift)  # [B, H, W, 3]
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, images, all_labels[index])
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+class EpochBatches:
+    """``step -> (images, labels)``: consecutive slices of an endless stream of seeded permutations.
 
-    return step
+    The stream is ``permutation 0, permutation 1, ...`` drawn from one ``numpy`` generator seeded with `seed`;
+    batch ``s`` is its slice ``[s * B, (s + 1) * B)`` (batches straddle epochs). Permutations are drawn as
+    needed and kept, so the batch is a pure function of the step.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self._rng = np.random.default_rng(seed)
+        self._stream: list[np.ndarray] = []
+
+    def indices(self, step: int) -> np.ndarray:
+        """``[B]`` int32 example indices of batch `step`."""
+        n = self.labels.shape[0]
+        start, stop = step * self.batch_size, (step + 1) * self.batch_size
+        while len(self._stream) * n < stop:
+            self._stream.append(self._rng.permutation(n).astype(np.int32))
+        return np.concatenate(self._stream[start // n:(stop - 1) // n + 1])[start % n:start % n + self.batch_size]
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.indices(step)
+        return self.images[index], self.labels[index]
+
+
+def _train_loss(model: DigitsClassifier, batch: tuple[jax.Array, jax.Array], key: jax.Array, *,
+                max_shift: int) -> tuple[jax.Array, dict]:
+    images, labels = batch
+    logits = model(random_shift(images, key, max_shift))  # [B, 10]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), {}
 
 
 def train_classifier(config: ml_collections.ConfigDict, out_dir: Union[str, pathlib.Path], *,
                      progress: bool = True) -> dict[str, Any]:
-    """Trains the digits classifier and writes an orbax checkpoint to `out_dir`.
+    """Trains the digits classifier with `bitlaws.train` and writes an orbax checkpoint to `out_dir`.
 
-    Adam(W) with linear warm-up and cosine decay on the train split, random +-``config.train.max_shift``
-    pixel shifts; the val split is only used for the reported accuracy.
+    Adam(W) with linear warm-up and cosine decay (`train_config`) on the train split, random
+    +-``config.train.max_shift`` pixel shifts drawn from the step's key; the val split is only used for the
+    reported accuracy. A short run: no train state is kept and `out_dir` holds only the final checkpoint.
 
     Args:
         config: A config from ``configs/demo/classifier.py``.
@@ -201,41 +226,18 @@ def train_classifier(config: ml_collections.ConfigDict, out_dir: Union[str, path
     train, val = load_digits("train"), load_digits("val")
     kwargs = model_kwargs(config)
     model = build_classifier(kwargs, seed=int(config.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    steps = int(config.train.steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.train.learning_rate, warmup_steps=max(1, steps // 20), decay_steps=steps,
-        end_value=config.train.learning_rate * 0.01)
-    optimizer = optax.adamw(schedule, weight_decay=config.train.weight_decay)
-    opt_state = optimizer.init(params)
-    step = _make_train_step(graphdef, optimizer, int(config.train.max_shift))
-
-    all_images, all_labels = jnp.asarray(train.images), jnp.asarray(train.labels)
-    batch_size = int(config.train.batch_size)
-    index_rng = np.random.default_rng(int(config.seed))
-    key = jax.random.key(int(config.seed))
-    order = np.zeros(0, np.int32)
-    losses = []
-    with tqdm(range(steps), desc="classifier", unit="step", disable=not progress) as bar:
-        for i in bar:
-            if order.shape[0] < batch_size:
-                order = np.concatenate([order, index_rng.permutation(len(train)).astype(np.int32)])
-            index, order = order[:batch_size], order[batch_size:]
-            key, step_key = jax.random.split(key)
-            params, opt_state, loss = step(params, rest, opt_state, all_images, all_labels, index, step_key)
-            losses.append(loss)
-            if i % 50 == 0 or i == steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-
-    model = nnx.merge(graphdef, params, rest)
-    tail = max(1, steps // 10)
+    loop_config = train_config(config)
+    get_batch = EpochBatches(train.images, train.labels, int(config.train.batch_size), int(config.seed))
+    loss_fn = functools.partial(_train_loss, max_shift=int(config.train.max_shift))
+    result = train_module(model, loss_fn, get_batch, loop_config, progress=progress, desc="classifier")
+    tail = max(1, loop_config.steps // 10)
+    losses = [r["loss"] for r in result.history if r["step"] > loop_config.steps - tail] or [result.metrics["loss"]]
     summary = {
         "family": "classifier",
         "model": kwargs,
         "config": config.to_dict(),
-        "steps": steps,
-        "final_train_loss": float(np.mean(np.asarray(jnp.stack(losses[-tail:])))),
+        "steps": result.step,
+        "final_train_loss": float(np.mean(losses)),
         "val_accuracy": accuracy(model, val.images, val.labels, int(config.train.eval_batch_size)),
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
     }

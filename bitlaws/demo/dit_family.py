@@ -38,20 +38,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from bitlaws.checkpoint import load_metadata, load_model, save_model
 from bitlaws.demo.data import load_digits
 from bitlaws.demo.family import calibration_digits, register_family, spread_labels
 from bitlaws.models.dit import DiT
 from bitlaws.sample.diffusion import GaussianDiffusion, MeanType, create_diffusion
+from bitlaws.train import STATE_DIR, TrainConfig, train_module
 
 FAMILY = "dit"
 CHECKPOINT_ROOT = pathlib.Path(__file__).resolve().parent / "checkpoints"
-TRAIN_STATE_DIR = "train_state"
+TRAIN_STATE_DIR = STATE_DIR
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
 VAL_TIMESTEPS = (0, 50, 250, 500, 750)  # fixed timesteps of the validation loss
@@ -381,13 +379,19 @@ class DiTMember:
                 "the null class")
 
     def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        """The DiT's output ``[B, 16, 16, 6]`` on one calibration batch."""
+        """The DiT's output ``[B, 16, 16, 6]`` on one calibration batch (`nnx.jit`-compiled)."""
+        return _denoiser_output_jit(model, *batch)
+
+    def calibration_apply(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """`calibration_forward` un-jitted (for tracing inside a compiled step)."""
         return _denoiser_output(model, *batch)
 
 
-@nnx.jit
 def _denoiser_output(model: DiT, x_t: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
     return model(x_t, t, labels)
+
+
+_denoiser_output_jit = nnx.jit(_denoiser_output)
 
 
 def member_names() -> list[str]:
@@ -420,44 +424,18 @@ register_family(FAMILY, member_names, load)
 
 # ----------------------------------------------------------------------------- training
 
-
-def _optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay to ``final_lr_fraction`` of the peak, after grad clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
-        decay_steps=max(train.steps, train.warmup_steps + 1), end_value=train.learning_rate * train.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(train.grad_clip),
-                       optax.adamw(schedule, weight_decay=train.weight_decay))
+TRAIN_KEYS_NOT_IN_LOOP = ("batch_size", "val_eval")
+"""Keys of the config's ``train`` block that `bitlaws.train.TrainConfig` does not take."""
 
 
-@functools.lru_cache(maxsize=4)
-def _make_train_step(graphdef: nnx.GraphDef, train_items: tuple[tuple[str, Any], ...]):
-    """The jitted ``(params, ema, opt_state, images, labels, key, step) -> (params, ema, opt_state, terms)``.
-
-    Cached per model structure and train config (given as sorted items), so repeated runs in one process
-    reuse the compiled step.
-    """
-    train = ml_collections.ConfigDict(dict(train_items))
-    tx, ema_decay = _optimizer(train), train.ema_decay
-
-    def loss_fn(params, images, labels, key):
-        model = nnx.merge(graphdef, params)
-        t_key, noise_key, dropout_key = jax.random.split(key, 3)
-        t = jax.random.randint(t_key, (images.shape[0],), 0, training_diffusion().num_timesteps)  # [B]
-        noise = jax.random.normal(noise_key, images.shape, jnp.float32)
-        terms = model_loss_terms(model, images, labels, t, noise, dropout_key=dropout_key)
-        return terms["loss"].mean(), terms
-
-    @jax.jit
-    def train_step(params, ema, opt_state, images, labels, key, step):
-        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, labels, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))  # short EMA early on
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-        return params, ema, opt_state, {name: value.mean() for name, value in terms.items()}
-
-    return train_step
+def _train_loss(model: DiT, batch: tuple[jax.Array, jax.Array], key: jax.Array) -> tuple[jax.Array, dict]:
+    """The batch's mean training loss: uniform timesteps, Gaussian noise and label dropout drawn from `key`."""
+    images, labels = batch
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    t = jax.random.randint(t_key, (images.shape[0],), 0, training_diffusion().num_timesteps)  # [B]
+    noise = jax.random.normal(noise_key, images.shape, jnp.float32)
+    terms = model_loss_terms(model, images, labels, t, noise, dropout_key=dropout_key)
+    return terms["loss"].mean(), {name: value.mean() for name, value in terms.items()}
 
 
 def _batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -468,35 +446,14 @@ def _batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> 
     return order[offset * batch_size:(offset + 1) * batch_size]
 
 
-def _save_train_state(directory: pathlib.Path, step: int, params, ema, opt_state) -> None:
-    """Writes model, EMA and optimizer state (their leaves) and the step with orbax, replacing older state."""
-    leaves = jax.tree.leaves((params, ema, opt_state))
-    tree = {"leaves": {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)},
-            "step": np.asarray(step, np.int64)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory.resolve(), tree, force=True)
-
-
-def _restore_train_state(directory: pathlib.Path, params, ema, opt_state):
-    """Restores `_save_train_state`'s tree into the structure of (`params`, `ema`, `opt_state`)."""
-    leaves, treedef = jax.tree.flatten((params, ema, opt_state))
-    target = {"leaves": {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)},
-              "step": np.asarray(0, np.int64)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory.resolve(), target)
-    values = [jnp.asarray(restored["leaves"][f"{i:05d}"]) for i in range(len(leaves))]
-    params, ema, opt_state = jax.tree.unflatten(treedef, values)
-    return int(restored["step"]), params, ema, opt_state
-
-
 def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pathlib.Path], *,
                       progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Trains (or resumes training of) one demo DiT and exports its EMA weights.
+    """Trains (or resumes training of) one demo DiT with `bitlaws.train` and exports its EMA weights.
 
     Layout of `out_dir`: ``train_state/`` (orbax: params, EMA, optimizer state and step, written every
-    ``config.train.checkpoint_every`` steps and at the end; an existing one is resumed from), ``model/`` (the
-    EMA model via `bitlaws.checkpoint.save_model`, loadable with `load_from_dir`; this folder is what ships
-    as ``bitlaws/demo/checkpoints/<name>/``) and ``summary.json``.
+    ``config.train.checkpoint_every`` steps and at the end; an existing one is resumed from), ``metrics.jsonl``
+    (the logged steps), ``model/`` (the EMA model via `bitlaws.checkpoint.save_model`, loadable with
+    `load_from_dir`; this folder is what ships as ``bitlaws/demo/checkpoints/<name>/``) and ``summary.json``.
 
     Args:
         config: ``configs/demo/dit.py`` config.
@@ -505,56 +462,35 @@ def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pat
         command: The command line to record in the summary.
 
     Returns:
-        The summary: name, params, steps, resumed_from, wall_s (this run), train losses (mean of the last
-        <= 100 steps), val losses of the EMA model at `VAL_TIMESTEPS`, and paths.
+        The summary: name, params, steps, resumed_from, wall_s (this run), train losses (mean of the logged
+        steps among the last 100 of this run), val losses of the EMA model at `VAL_TIMESTEPS`, and paths.
     """
     if config.family != FAMILY:
         raise ValueError(f"config family is {config.family!r}, expected {FAMILY!r}")
     start_time = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
-    state_dir = out_dir / TRAIN_STATE_DIR
     train = config.train
     model_kwargs = config.model.to_dict()
     model = make_model(model_kwargs, seed=train.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    ema = jax.tree.map(jnp.copy, params)
-    tx = _optimizer(train)
-    opt_state = tx.init(params)
-    step = 0
-    if state_dir.exists():
-        step, params, ema, opt_state = _restore_train_state(state_dir, params, ema, opt_state)
-    resumed_from = step
-
     data = load_digits("train")
-    images, labels = jnp.asarray(data.images), jnp.asarray(data.labels)
     batch_size = min(train.batch_size, len(data))
-    train_step = _make_train_step(graphdef, tuple(sorted(train.to_dict().items())))
-    base_key = jax.random.key(train.seed)
-    recent: list[dict[str, float]] = []
-    bar = tqdm(total=train.steps, initial=step, disable=not progress, desc=config.name, dynamic_ncols=True)
-    while step < train.steps:
-        index = jnp.asarray(_batch_indices(len(data), batch_size, step, train.seed))
-        params, ema, opt_state, terms = train_step(params, ema, opt_state, images[index], labels[index],
-                                                   jax.random.fold_in(base_key, step), jnp.float32(step))
-        step += 1
-        if step % train.log_every == 0 or step == train.steps:
-            recent.append({name: float(value) for name, value in terms.items()})
-            recent = recent[-max(1, 100 // train.log_every):]
-            bar.set_postfix(loss=f"{recent[-1]['loss']:.4f}", mse=f"{recent[-1]['mse']:.4f}")
-        bar.update(1)
-        if step % train.checkpoint_every == 0 or step == train.steps:
-            _save_train_state(state_dir, step, params, ema, opt_state)
-    bar.close()
 
-    ema_model = nnx.merge(graphdef, ema)
+    def get_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
+        index = _batch_indices(len(data), batch_size, step, train.seed)
+        return data.images[index], data.labels[index]
+
+    result = train_module(model, _train_loss, get_batch, TrainConfig.from_config(train, ignore=TRAIN_KEYS_NOT_IN_LOOP),
+                          out_dir=out_dir, progress=progress, desc=config.name)
+    nnx.update(model, result.ema)  # the exported model is the EMA (the raw weights stay in train_state)
+    recent = [r for r in result.history if r["step"] > result.step - 100]
     val = load_digits("val")
-    val_losses = evaluate_loss(ema_model, val.images, val.labels) if train.get("val_eval", True) else {}
+    val_losses = evaluate_loss(model, val.images, val.labels) if train.get("val_eval", True) else {}
     summary = {
         "name": config.name,
         "family": FAMILY,
-        "params": count_params(ema_model),
-        "steps": step,
-        "resumed_from": resumed_from,
+        "params": count_params(model),
+        "steps": result.step,
+        "resumed_from": result.start_step,
         "wall_s": round(time.perf_counter() - start_time, 1),
         "train_losses": {name: float(np.mean([r[name] for r in recent])) for name in ("loss", "mse", "vb")}
         if recent else {},
@@ -564,9 +500,9 @@ def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pat
     }
     metadata = {"family": FAMILY, "name": config.name, "model": model_kwargs,
                 "sampling": config.sampling.to_dict(), "training": {**summary, "config": config.train.to_dict()}}
-    save_model(ema_model, out_dir / MODEL_DIR, metadata)
+    save_model(model, out_dir / MODEL_DIR, metadata)
     summary["model_dir"] = str((out_dir / MODEL_DIR).resolve())
-    summary["train_state_dir"] = str(state_dir.resolve())
+    summary["train_state_dir"] = str((out_dir / TRAIN_STATE_DIR).resolve())
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 

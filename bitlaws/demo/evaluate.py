@@ -61,7 +61,10 @@ def make_evaluator(config: ml_collections.ConfigDict):
     out_dir = pathlib.Path(config.out_dir) if config.get("out_dir", None) else None
     options = settings.quant_options(config)
     load = functools.lru_cache(maxsize=None)(family.load_member)
-    calibration_options = family.calibration_options(config.demo.get("calibration", None))
+    calibration_options = config.demo.get("calibration", None)
+    if hasattr(calibration_options, "to_dict"):
+        calibration_options = calibration_options.to_dict()
+    family.calibration_options(calibration_options)  # validate now, not at the first cell that needs data
 
     @functools.lru_cache(maxsize=None)
     def member_calibration(name: str) -> tuple[CalibrationData, settings.CalibrateFn]:
@@ -84,7 +87,7 @@ def make_evaluator(config: ml_collections.ConfigDict):
         rules = cell.rules(member.quant_pattern, **options)
         materialize = settings.materialize_for(config, cell.setting)
         method = settings.get_method(cell.method)
-        uses_data = bool(rules) and (method.needs_stats or any(r.act is not None and r.act.static for r in rules))
+        uses_data = bool(rules) and (method.needs_data or any(r.act is not None and r.act.static for r in rules))
         data, calibrate = member_calibration(member.name) if uses_data else (None, None)
         quantized = settings.quantize_for_cell(
             member.model, rules, cell.method,

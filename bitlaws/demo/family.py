@@ -8,7 +8,7 @@ float, as in the paper) and samples through ``member.sample`` with the quantized
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 import numpy as np
@@ -41,6 +41,9 @@ class DemoMember(Protocol):
 
     def calibration_forward(self, model: nnx.Module, batch: Any) -> Any:
         """Runs `model` (a ``calibrate``-mode copy) on one calibration batch; its statistics are the side effect."""
+
+    def calibration_apply(self, model: nnx.Module, batch: Any) -> Any:
+        """`calibration_forward` without `nnx.jit`: the model's output, traceable inside a compiled step (QAT)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,17 +79,28 @@ def load_member(name: str) -> DemoMember:
     return _FAMILIES[family].load(name)
 
 
-def calibration_options(options: Any = None) -> dict[str, Any]:
+def calibration_options(options: Any = None, family: Optional[str] = None) -> dict[str, Any]:
     """`DEFAULT_CALIBRATION` overridden by `options` (a mapping), validated.
+
+    ``options["by_family"]`` (optional) maps a family name to overrides for its members only, e.g.
+    ``{"dit": {"source": "data"}}`` (QAT distils DiT at ``q_sample`` timesteps of real digits); they apply when
+    `family` is given.
 
     Raises:
         ValueError: unknown option names or source, non-positive sizes.
     """
     options = dict(options or {})
-    unknown = sorted(set(options) - set(DEFAULT_CALIBRATION))
+    by_family = dict(options.pop("by_family", None) or {})
+    for name, overrides in by_family.items():
+        if not hasattr(overrides, "keys"):
+            raise ValueError(f"calibration options: by_family[{name!r}] must be a mapping, got {overrides!r}")
+    valid = sorted(DEFAULT_CALIBRATION) + ["by_family"]
+    unknown = sorted(set(options) - set(DEFAULT_CALIBRATION)) + sorted(
+        f"by_family.{name}.{key}" for name, overrides in by_family.items() for key in overrides
+        if key not in DEFAULT_CALIBRATION)
     if unknown:
-        raise ValueError(f"calibration options: unknown field(s) {unknown}; valid: {sorted(DEFAULT_CALIBRATION)}")
-    options = {**DEFAULT_CALIBRATION, **options}
+        raise ValueError(f"calibration options: unknown field(s) {unknown}; valid: {valid}")
+    options = {**DEFAULT_CALIBRATION, **options, **dict(by_family.get(family, None) or {})}
     source = str(options["source"])
     if source not in CALIBRATION_SOURCES:
         raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES}, got {source!r}")
@@ -97,17 +111,17 @@ def calibration_options(options: Any = None) -> dict[str, Any]:
 
 
 def calibration_data(member: DemoMember, options: Any = None) -> CalibrationData:
-    """The PTQ calibration data of `member` for `options` (see `calibration_options`).
+    """The PTQ calibration (and QAT training) data of `member` for `options` (see `calibration_options`).
 
     The batches are computed once here (sampling the float model for ``source="samples"``); the description
     (source, sizes, seed, protocol sentence) goes into every sweep record and quantized checkpoint.
     """
-    options = calibration_options(options)
+    options = calibration_options(options, member.family)
     source, num_batches, batch_size, seed = (options[k] for k in ("source", "num_batches", "batch_size", "seed"))
     batches = member.calibration_batches(num_batches, batch_size, seed, source=source)
     description = {"source": source, "num_batches": num_batches, "batch_size": batch_size, "seed": seed,
                    "protocol": member.calibration_protocol(source)}
-    return CalibrationData(member.calibration_forward, batches, description)
+    return CalibrationData(member.calibration_forward, batches, description, apply=member.calibration_apply)
 
 
 def spread_labels(n: int, num_classes: int, seed: int) -> np.ndarray:

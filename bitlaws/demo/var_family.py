@@ -6,8 +6,9 @@ Everything is built from the same Flax code as the ported ImageNet models (`bitl
 * the tokenizer's differentiable training forward (multi-scale residual quantization with the
   straight-through estimator, codebook + commitment losses) and its evaluation,
 * VAR teacher forcing (targets: the tokenizer's tokens; inputs: ``idx_bl_to_var_input``),
-* a small resumable trainer (optax AdamW, one jit-compiled step, tqdm progress bar, orbax train state in
-  ``OUT/train_state`` every ``checkpoint_every`` steps, the final model via `bitlaws.checkpoint.save_model`),
+* the training set-up on `bitlaws.train.train_module` (AdamW, one jit-compiled step, orbax train state in
+  ``OUT/train_state`` every ``checkpoint_every`` steps, ``OUT/metrics.jsonl``; the final model via
+  `bitlaws.checkpoint.save_model`),
 * `train_from_config` (the ``bitlaws train`` entry point for ``family = "vqvae"`` and ``"var"``),
 * the ``var`` demo family (`register_family` at import): members ``var-d2``, ``var-d3`` ... loaded from the
   checkpoints shipped in ``bitlaws/demo/checkpoints``.
@@ -21,7 +22,6 @@ import json
 import math
 import pathlib
 import re
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -29,9 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm import tqdm
 
 from bitlaws import checkpoint
 from bitlaws.demo.data import DigitsData, load_digits
@@ -39,11 +37,12 @@ from bitlaws.demo.family import calibration_digits, register_family, spread_labe
 from bitlaws.models.var import VAR
 from bitlaws.models.vqvae import VQVAE, area_resize, bicubic_resize
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
+from bitlaws.train import STATE_DIR, TrainConfig, TrainResult, train_module
 
 FAMILY = "var"
 CHECKPOINT_ROOT = pathlib.Path(__file__).resolve().parent / "checkpoints"
 TOKENIZER_NAME = "vqvae"
-TRAIN_STATE_DIR = "train_state"
+TRAIN_STATE_DIR = STATE_DIR
 QUANT_PATTERN = (r"word_embed|blocks\.\d+\.(attn\.(mat_qkv|proj)|ffn\.fc[12]|ada_lin)"
                  r"|head_nm\.ada_lin|head")
 """Every linear layer of the VAR transformer (the tokenizer stays in float, as in the paper)."""
@@ -330,124 +329,25 @@ def teacher_forced_loss(model: VAR, vae: VQVAE, data: DigitsData, batch_size: in
 
 
 # ----------------------------------------------------------------------------------------------
-# The resumable trainer.
+# Training entry points (the loop is `bitlaws.train`).
 # ----------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16)
-def _adamw(learning_rate: float, warmup_steps: int, steps: int, weight_decay: float) -> optax.GradientTransformation:
-    """One transformation object per setting, so that resumed runs hit the compiled step again."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                                  max(steps, warmup_steps + 1), end_value=0.05 * learning_rate)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
+TOKENIZER_TRAIN_KEYS = ("batch_size", "beta", "l1_weight", "l2_weight", "dead_code_every")
+"""Keys of the tokenizer config's ``train`` block that are not `TrainConfig` fields."""
 
 
-def make_optimizer(model: nnx.Module, train: ml_collections.ConfigDict) -> nnx.Optimizer:
-    """AdamW (b2 = 0.95) with linear warmup, cosine decay to 5 % and global-norm clipping at 1."""
-    tx = _adamw(float(train.learning_rate), int(train.warmup_steps), int(train.steps), float(train.weight_decay))
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+def train_config(train: ml_collections.ConfigDict, ignore: Sequence[str] = ("batch_size",)) -> TrainConfig:
+    """The loop settings of a ``configs/demo/{vqvae,var}.py`` ``train`` block.
 
-
-def save_train_state(out_dir: PathLike, model: nnx.Module, optimizer: nnx.Optimizer, step: int,
-                     wall_s: float) -> None:
-    """Writes model + optimizer state + step (orbax) to ``out_dir/train_state``."""
-    tree = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
-            "step": np.asarray(step, np.int64), "wall_s": np.asarray(wall_s, np.float64)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(pathlib.Path(out_dir).resolve() / TRAIN_STATE_DIR, tree, force=True)
-
-
-def restore_train_state(out_dir: PathLike, model: nnx.Module,
-                        optimizer: nnx.Optimizer) -> Optional[tuple[int, float]]:
-    """Loads ``out_dir/train_state`` into `model` and `optimizer` (in place).
-
-    Returns:
-        ``(step, wall_s)`` of the checkpoint, or None when there is none.
+    The demo recipe (in the configs): AdamW with b2 0.95, warm-up over ``max(warmup_steps, 1)`` steps, cosine
+    decay to 5 % of the peak, global-norm clipping at 1.
     """
-    path = pathlib.Path(out_dir).resolve() / TRAIN_STATE_DIR
-    if not path.exists():
-        return None
-    model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
-    target = {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(optimizer_state),
-              "step": np.asarray(0, np.int64), "wall_s": np.asarray(0.0, np.float64)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, target)
-    # Same dtypes and placement as freshly built state, so the compiled train step is reused.
-    restored = jax.tree.map(lambda t, r: jnp.asarray(np.asarray(r), dtype=jnp.asarray(t).dtype), target, restored)
-    nnx.replace_by_pure_dict(model_state, restored["model"])
-    nnx.replace_by_pure_dict(optimizer_state, restored["optimizer"])
-    nnx.update(model, model_state)
-    nnx.update(optimizer, optimizer_state)
-    return int(restored["step"]), float(restored["wall_s"])
+    return TrainConfig.from_config(train, ignore=ignore)
 
 
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-@functools.lru_cache(maxsize=16)
-def _make_train_step(loss_fn: LossFn) -> Callable:
-    """One jit-compiled AdamW step over the split ``(model, optimizer)`` state."""
-
-    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-    def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, key: jax.Array):
-        model, optimizer = nnx.merge(graphdef, state)
-        grads, metrics = nnx.grad(lambda m: loss_fn(m, *batch, key), has_aux=True)(model)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), metrics
-
-    return train_step
-
-
-def fit(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Batch], train: ml_collections.ConfigDict,
-        out_dir: PathLike, *, desc: str, between_steps: Optional[Callable[[nnx.Module, int], None]] = None,
-        stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
-    """Trains `model` in place for ``train.steps`` steps, resuming from ``out_dir/train_state``.
-
-    Args:
-        model: The model (updated in place).
-        loss_fn: ``loss_fn(model, *batch, key) -> (loss, metrics)``.
-        get_batch: ``step -> batch`` (numpy arrays), a deterministic function of the step.
-        train: ``steps``, ``learning_rate``, ``weight_decay``, ``warmup_steps``, ``checkpoint_every``, ``seed``.
-        out_dir: Where the train state goes.
-        desc: Progress bar label.
-        between_steps: Optional ``hook(model, step)`` run (outside jit) before each step.
-        stop_after: End this session after this many steps (the train state is saved; a later call
-            resumes), or None to run to ``train.steps``.
-        progress: Show a tqdm progress bar.
-
-    Returns:
-        ``{"start_step", "steps", "wall_s" (all sessions), "metrics" (mean of the last <= 50 steps)}``.
-    """
-    optimizer = make_optimizer(model, train)
-    resumed = restore_train_state(out_dir, model, optimizer)
-    start_step, previous_wall = resumed if resumed is not None else (0, 0.0)
-    train_step = _make_train_step(loss_fn)
-    base_key = jax.random.key(train.seed)
-    recent: list[dict[str, float]] = []
-    began = time.perf_counter()
-    step = start_step
-    wall_s = previous_wall
-    end_step = train.steps if stop_after is None else min(train.steps, start_step + stop_after)
-    bar = tqdm(total=train.steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
-    try:
-        while step < end_step:
-            if between_steps is not None:
-                between_steps(model, step)
-            graphdef, state = nnx.split((model, optimizer))
-            batch = tuple(jnp.asarray(a) for a in get_batch(step))
-            state, metrics = train_step(graphdef, state, batch, jax.random.fold_in(base_key, step))
-            nnx.update((model, optimizer), state)
-            step += 1
-            recent = (recent + [{k: float(v) for k, v in metrics.items()}])[-50:]
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in recent[-1].items()}, refresh=False)
-            wall_s = previous_wall + time.perf_counter() - began
-            if step % train.checkpoint_every == 0 or step == end_step:
-                save_train_state(out_dir, model, optimizer, step, wall_s)
-    finally:
-        bar.close()
-    metrics = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]} if recent else {}
-    return {"start_step": start_step, "steps": step, "wall_s": wall_s, "metrics": metrics}
+def _summary_of(result: TrainResult) -> dict[str, Any]:
+    """The ``train`` entry of a summary: start step, steps, wall time (all sessions), recent mean metrics."""
+    return {"start_step": result.start_step, "steps": result.step, "wall_s": result.wall_s, "metrics": result.metrics}
 
 
 def _step_rng(seed: int, step: int) -> np.random.Generator:
@@ -455,38 +355,46 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step + 1])
 
 
-# ----------------------------------------------------------------------------------------------
-# Training entry points.
-# ----------------------------------------------------------------------------------------------
-
 def _command(config: ml_collections.ConfigDict) -> str:
     return str(config.get("command", f"bitlaws train --config configs/demo/{config.family}.py"))
 
 
+def _tokenizer_train_loss(model: VQVAE, batch: Batch, key: jax.Array, *, beta: float, l1_weight: float,
+                          l2_weight: float) -> tuple[jax.Array, dict]:
+    del key  # deterministic
+    return tokenizer_loss(model, batch[0], beta=beta, l1_weight=l1_weight, l2_weight=l2_weight)
+
+
 def train_tokenizer(config: ml_collections.ConfigDict, out_dir: PathLike, *, stop_after: Optional[int] = None,
                     progress: bool = True) -> dict[str, Any]:
-    """Trains the demo tokenizer and saves it (`save_model`) to `out_dir`; returns the summary."""
+    """Trains the demo tokenizer and saves it (`save_model`) to `out_dir`; returns the summary.
+
+    Before step 0 the whole codebook is seeded from encoder features of 512 training images, and every
+    ``dead_code_every`` steps the codes none of them picks are re-seeded (`reseed_dead_codes`).
+    """
     train = config.train
     ctor = _plain(config.model)
     vae = build_tokenizer(ctor, train.seed)
+    graphdef, _, rest = nnx.split(vae, nnx.Param, ...)
     images = load_digits("train").images
     probe = images[_step_rng(train.seed, -1).choice(len(images), min(512, len(images)), replace=False)]
 
     def get_batch(step: int) -> Batch:
         return (images[_step_rng(train.seed, step).choice(len(images), train.batch_size, replace=False)],)
 
-    def between_steps(model: VQVAE, step: int) -> None:
-        if step == 0:
-            reseed_dead_codes(model, probe, _step_rng(train.seed, step), all_codes=True)
-        elif train.dead_code_every and step % train.dead_code_every == 0:
-            reseed_dead_codes(model, probe, _step_rng(train.seed, step))
+    def between_steps(params: nnx.State, step: int) -> nnx.State:
+        if step and not (train.dead_code_every and step % train.dead_code_every == 0):
+            return params
+        model = nnx.merge(graphdef, params, rest)
+        reseed_dead_codes(model, probe, _step_rng(train.seed, step), all_codes=step == 0)
+        return nnx.state(model, nnx.Param)
 
     loss_fn = functools.partial(_tokenizer_train_loss, beta=train.beta, l1_weight=train.l1_weight,
                                 l2_weight=train.l2_weight)
-    result = fit(vae, loss_fn, get_batch, train, out_dir, desc=config.name, between_steps=between_steps,
-                 stop_after=stop_after, progress=progress)
+    result = train_module(vae, loss_fn, get_batch, train_config(train, TOKENIZER_TRAIN_KEYS), out_dir=out_dir,
+                          desc=config.name, between_steps=between_steps, stop_after=stop_after, progress=progress)
     summary = {"name": config.name, "family": "vqvae", "params": num_params(vae), "command": _command(config),
-               "train": result, "finished": result["steps"] >= train.steps}
+               "train": _summary_of(result), "finished": result.step >= train.steps}
     if not summary["finished"]:
         return summary
     summary["val"] = evaluate_tokenizer(vae, load_digits("val"))
@@ -495,13 +403,13 @@ def train_tokenizer(config: ml_collections.ConfigDict, out_dir: PathLike, *, sto
     return summary
 
 
-def _tokenizer_train_loss(model: VQVAE, images: jax.Array, key: jax.Array, **weights) -> tuple[jax.Array, dict]:
-    del key  # deterministic
-    return tokenizer_loss(model, images, **weights)
-
-
 def _resolve_tokenizer_dir(tokenizer_dir: str) -> pathlib.Path:
     return pathlib.Path(tokenizer_dir) if tokenizer_dir else CHECKPOINT_ROOT / TOKENIZER_NAME
+
+
+def _var_train_loss(model: VAR, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    labels, inputs, targets = batch
+    return var_loss(model, labels, inputs, targets, key)
 
 
 def train_var(config: ml_collections.ConfigDict, out_dir: PathLike, *, stop_after: Optional[int] = None,
@@ -520,10 +428,10 @@ def train_var(config: ml_collections.ConfigDict, out_dir: PathLike, *, stop_afte
         rows = _step_rng(train.seed, step).choice(len(data), train.batch_size, replace=False)
         return data.labels[rows], inputs[rows], tokens[rows]
 
-    result = fit(model, var_loss, get_batch, train, out_dir, desc=config.name, stop_after=stop_after,
-                 progress=progress)
+    result = train_module(model, _var_train_loss, get_batch, train_config(train), out_dir=out_dir, desc=config.name,
+                          stop_after=stop_after, progress=progress)
     summary = {"name": config.name, "family": FAMILY, "params": num_params(model), "command": _command(config),
-               "train": result, "finished": result["steps"] >= train.steps}
+               "train": _summary_of(result), "finished": result.step >= train.steps}
     if not summary["finished"]:
         return summary
     summary["val"] = {"loss": teacher_forced_loss(model, vae, load_digits("val")),
@@ -644,13 +552,19 @@ class VarMember:
         return "teacher-forced on token maps of real training digits, half of each batch relabelled as the null class"
 
     def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        """Teacher-forced logits ``[B, L, V]`` (all scales in one pass, as in training)."""
+        """Teacher-forced logits ``[B, L, V]`` (all scales in one pass, as in training), `nnx.jit`-compiled."""
+        return _teacher_forced_logits_jit(model, *batch)
+
+    def calibration_apply(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """`calibration_forward` un-jitted (for tracing inside a compiled step)."""
         return _teacher_forced_logits(model, *batch)
 
 
-@nnx.jit
 def _teacher_forced_logits(model: VAR, labels: jax.Array, inputs: jax.Array) -> jax.Array:
     return model(labels, inputs)
+
+
+_teacher_forced_logits_jit = nnx.jit(_teacher_forced_logits)
 
 
 def member_names(root: PathLike = CHECKPOINT_ROOT) -> list[str]:

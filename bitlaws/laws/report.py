@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from bitlaws.laws import pareto
 from bitlaws.laws.methods_report import method_tables
+from bitlaws.laws.qat_report import qat_section
 from bitlaws.laws.fit import (BASELINE_SETTING, BivariateFit, Cell, LawFits, PowerLawFit, RowsLike, as_rows,
                               cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
                               series_of)
@@ -287,6 +288,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
     lines += _provenance(cells, n_rows, fits, source, notices)
     lines += _verdict_section(cells, fits)
     lines += method_tables(cells, metric)
+    lines += qat_section(cells, metric)
     png = [pathlib.Path(p) for p in plots if pathlib.Path(p).suffix == ".png"]
     if png:
         lines += ["## Plots", ""]

@@ -458,7 +458,7 @@ def _deployed(block: nnx.Module, unit: _Unit, layers: tuple[_LayerCfg, ...], qpa
     targets = {c.rel: t for c, t in zip(layers, unit.targets)}
     result = _finish(block, [(layers, [c.rel for c in layers], qparams)], cfg, targets)
     stats = {c.rel: t.stats for c, t in zip(layers, unit.targets)}
-    return transform._materialize(block, {c.rel: t.rule for c, t in zip(layers, unit.targets)}, result,
+    return transform.materialize_result(block, {c.rel: t.rule for c, t in zip(layers, unit.targets)}, result,
                                   "baked", stats, "xla")
 
 

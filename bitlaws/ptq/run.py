@@ -208,20 +208,17 @@ def layer_errors(reference: nnx.Module, model: nnx.Module,
     return out
 
 
-def rewritten_reference(model: nnx.Module, qmodel: nnx.Module, rules: Sequence[QuantRule], method: str,
-                        **apply_kwargs) -> tuple[nnx.Module, bool]:
-    """The float model the packed weights of `qmodel` quantize, and whether the method rewrote anything.
+def rewritten_reference(model: nnx.Module, run: transform.MethodRun) -> tuple[nnx.Module, bool]:
+    """The float model the packed weights of a method run quantize, and whether the method rewrote anything.
 
-    Methods that move scales between layers (input scales, folds into other parameters) quantize rewritten
-    kernels in a rewritten model; it is rebuilt here by running the method again, materialized ``fake`` and
-    viewed in ``fp`` (deterministic: the same statistics and seed). Methods without rewrites: `model` itself.
+    Methods that move scales between layers (input scales, folds into other parameters) or train the weights
+    (QAT) quantize rewritten kernels in a rewritten model: the run's rewrites without quantization
+    (`MethodRun.rewritten_float`; the method is not run again). Methods without rewrites: `model` itself.
     """
-    rewritten = bool(quantized_checkpoint.rewritten_params(model, qmodel)) or any(
-        layer.input_scale is not None for _, layer in transform.quant_layers(qmodel))
-    if not rewritten:
+    result = run.result
+    if not (result.kernels or result.params or result.input_scales):
         return model, False
-    fake = transform.apply_method(model, rules, method, materialize="fake", warn_unused=False, **apply_kwargs)
-    return transform.with_mode(fake, "fp"), True
+    return run.rewritten_float(model), True
 
 
 def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -273,20 +270,19 @@ def run_ptq(config: ml_collections.ConfigDict, out: PathLike, *, force: bool = F
     transform.check_rules(source.model, rules)
     calibration = dict(config.calibration)
     static = any(r.act is not None and r.act.static for r in rules)
-    need = (f"method {method.name!r} needs" if method.needs_stats else
+    need = (f"method {method.name!r} needs" if method.needs_data else
             "static activation specs need" if static else
             "calibration.when='always' asks for" if calibration.get("when") == "always" else None)
     data = None if need is None else calibration_data(source, calibration, need)
     calibrate = None if data is None else methods.cached_calibration(methods.calibrate_on(data))
+    backend = config.get("backend", "xla")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", transform.UnusedRuleWarning)
-        qmodel = transform.apply_method(source.model, rules, method.name, materialize="packed", params=params,
-                                        calibrate=calibrate, data=data, seed=int(config.get("seed", 0)),
-                                        backend=config.get("backend", "xla"))
+        run = transform.run_method(source.model, rules, method.name, materialize="packed", params=params,
+                                   calibrate=calibrate, data=data, seed=int(config.get("seed", 0)), backend=backend)
+    qmodel = transform.materialize_result(source.model, run.assignments, run.result, "packed", run.stats, backend)
     unused = [str(w.message) for w in caught if issubclass(w.category, transform.UnusedRuleWarning)]
-    reference, rewritten = rewritten_reference(source.model, qmodel, rules, method.name, params=params,
-                                               calibrate=calibrate, data=data, seed=int(config.get("seed", 0)),
-                                               backend=config.get("backend", "xla"))
+    reference, rewritten = rewritten_reference(source.model, run)
     stats = None if calibrate is None else calibrate(reference, rules, True)
     errors = layer_errors(reference, qmodel, stats)
     label = "explicit rules" if config.get("rules") else f"{config.setting} {config.format}" + (

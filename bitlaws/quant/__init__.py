@@ -17,17 +17,18 @@ from bitlaws.quant.methods import (CalibrationData, MethodProblem, MethodResult,
 from bitlaws.quant.qarray import QArray, dequantize, fake_quant, quantize
 from bitlaws.quant.seam import ActStats, LayerQuant, qconv, qdot, register_backend
 from bitlaws.quant.spec import QuantRule, QuantSpec
-from bitlaws.quant.transform import (UnusedRuleWarning, apply_method, bake_fake_weights, calibration_stats,
-                                     check_rules, match_rules, quantize_model, run_calibration, with_mode)
+from bitlaws.quant.transform import (MethodRun, UnusedRuleWarning, apply_method, bake_fake_weights,
+                                     calibration_stats, check_rules, match_rules, materialize_result, quantize_model,
+                                     run_calibration, run_method, with_mode)
 
 __all__ = [
     "ActStats", "BitReport", "CalibrationData", "FpFormat", "IntFormat", "LayerQuant", "LutFormat",
-    "MethodProblem", "MethodResult",
+    "MethodProblem", "MethodResult", "MethodRun",
     "MxFormat", "QArray", "QConv", "QFormat", "QLinear", "QuantMethod", "QuantRule", "QuantSpec", "QuantizedLayer",
     "Target", "UnusedRuleWarning", "apply_method", "bake_fake_weights", "bit_accounting", "cached_calibration",
     "calibrate_on",
     "calibration_stats", "check_rules", "dequantize", "fake_quant", "format_names", "get_method", "match_rules",
-    "method_names", "parse_format", "qarray_nbytes", "qconv", "qdot", "quantize", "quantize_model",
+    "materialize_result", "method_names", "parse_format", "qarray_nbytes", "qconv", "qdot", "quantize", "quantize_model",
     "register_backend", "register_calibrator", "register_format", "register_method", "register_weight_method",
-    "run_calibration", "with_mode",
+    "run_calibration", "run_method", "with_mode",
 ]

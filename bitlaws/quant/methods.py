@@ -52,11 +52,22 @@ class CalibrationData:
         batches: The calibration batches (any pytrees `forward` accepts).
         description: What the data is, for records (e.g. ``{"source": "own_samples", "labels": "spread",
             "n": 128}``); JSON-serialisable.
+        apply: The same computation as `forward` but plain (not `nnx.jit`-wrapped), returning the model output
+            (logits, denoiser output) for methods that trace it inside their own compiled step (QAT: an
+            `nnx.jit` call there would write merged modules back across trace levels). None: `forward`
+            itself, unwrapped when it is a decorated function.
     """
 
     forward: Callable[[nnx.Module, Any], Any]
     batches: Sequence[Any]
     description: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    apply: Optional[Callable[[nnx.Module, Any], Any]] = None
+
+    def traceable(self) -> Callable[[nnx.Module, Any], Any]:
+        """`apply`, or `forward` without its decorators (`inspect.unwrap`)."""
+        import inspect  # pylint: disable=g-import-not-at-top
+
+        return self.apply if self.apply is not None else inspect.unwrap(self.forward)
 
     def run(self, model: nnx.Module) -> None:
         """Runs `forward` on every batch (the side effects - recorded statistics, captures - are the point)."""
@@ -114,6 +125,8 @@ class MethodResult:
         params: ``{dotted parameter path: array}`` rewrites of other parameters (e.g. the adaLN columns a
             smoothing scale is folded into: ``blocks.0.ada_lin.kernel``).
         input_scales: ``{layer path: [in] divisor}`` for layers whose smoothing has no preceding op to fold into.
+        act_params: ``{layer path: ActQParams}`` learned static activation scales (QAT with ``lsq``), used instead
+            of the calibrated ones.
         info: ``{layer path: {name: number}}`` per-layer diagnostics (errors, chosen alphas) for records.
     """
 
@@ -122,6 +135,7 @@ class MethodResult:
     params: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     input_scales: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     info: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    act_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 MethodFn = Callable[[MethodProblem], MethodResult]
@@ -138,6 +152,8 @@ class QuantMethod:
         needs_stats: Give the method calibration statistics (``Target.stats``).
         needs_hessian: ... with ``X^T X`` (implies `needs_stats`).
         defaults: The accepted hyper-parameters and their default values.
+        needs_data: Give the method the data itself (`MethodProblem.data`: QAT trains on it); implied by
+            `needs_stats` (statistics are computed from it).
     """
 
     name: str
@@ -146,6 +162,7 @@ class QuantMethod:
     needs_stats: bool = False
     needs_hessian: bool = False
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    needs_data: bool = False
 
     def resolve_params(self, params: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         """The defaults overridden by `params`; unknown names raise ValueError naming them."""
@@ -161,8 +178,8 @@ _METHODS: dict[str, QuantMethod] = {}
 
 
 def register_method(name: str, fn: MethodFn, *, kind: str = "ptq", needs_stats: bool = False,
-                    needs_hessian: bool = False, defaults: Optional[Mapping[str, Any]] = None,
-                    replace: bool = False) -> QuantMethod:
+                    needs_hessian: bool = False, needs_data: bool = False,
+                    defaults: Optional[Mapping[str, Any]] = None, replace: bool = False) -> QuantMethod:
     """Registers ``fn(MethodProblem) -> MethodResult`` under `name` (the one method registry).
 
     Re-registering the same function (a re-run notebook cell) is allowed; a different function under a taken
@@ -180,7 +197,8 @@ def register_method(name: str, fn: MethodFn, *, kind: str = "ptq", needs_stats: 
         raise ValueError(f"method {name!r} is already registered (kind {old.kind!r}); pass replace=True to replace "
                          f"it with a {kind!r} method")
     registry.check_register("method", name, None if old is None else old.fn, fn, replace)
-    method = QuantMethod(name, fn, kind, needs_stats or needs_hessian, needs_hessian, dict(defaults or {}))
+    needs_stats = needs_stats or needs_hessian
+    method = QuantMethod(name, fn, kind, needs_stats, needs_hessian, dict(defaults or {}), needs_data or needs_stats)
     _METHODS[name] = method
     return method
 
@@ -193,7 +211,8 @@ def get_method(name: str) -> QuantMethod:
     """Looks `name` up. Raises ValueError naming the registered methods."""
     if name not in _METHODS:
         raise ValueError(f"unknown quantization method {name!r}; registered methods: {method_names()} (the PTQ "
-                         f"family registers when bitlaws.ptq is imported; sweeps import it)")
+                         f"family registers when bitlaws.ptq is imported, the qat:* methods with bitlaws.qat; "
+                         f"sweeps import both)")
     return _METHODS[name]
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from bitlaws.quant import calibrate, qarray
+from bitlaws.quant import calibrate, formats, qarray
 from bitlaws.quant.qarray import PackedArray
 from bitlaws.quant.spec import QuantSpec
 
@@ -175,16 +175,32 @@ def static_act_params(stats: ActStats, spec: QuantSpec) -> ActQParams:
 
 
 def _fake_quant_static(x: jax.Array, params: ActQParams, spec: QuantSpec) -> jax.Array:
-    """Per-tensor fake quantization with fixed parameters and a straight-through gradient."""
+    """Per-tensor fake quantization with calibrated parameters.
+
+    Forward: exactly ``dequantize(quantize(x))`` with the stored scale / zero point. Gradients: straight-through
+    for `x` (1 inside the clipping range, 0 outside); the scale (when it is traced, e.g. trained by QAT with
+    ``lsq=True``) gets LSQ's gradient ``round(x/s) - x/s`` inside the range and the clip level outside (Esser
+    et al., 2020), through the surrogate ``s * (clip(x/s) + stop_gradient(round - clip))``; the zero point gets
+    none.
+    """
     fmt = spec.format
     scale = params.scale.reshape(1, 1, 1)
-    zero = None if params.zero_point is None else params.zero_point.reshape(1, 1, 1)
+    zero = None if params.zero_point is None else jax.lax.stop_gradient(params.zero_point).reshape(1, 1, 1)
     grouped = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(1, -1, 1)
-    q = calibrate.quantize_grouped(grouped, scale, zero, fmt)
-    x_hat = calibrate.dequantize_grouped(q, scale, zero, fmt).reshape(x.shape).astype(x.dtype)
-    lo, hi = calibrate.clip_bounds(scale, zero, fmt)
-    inside = (x >= lo.reshape(())) & (x <= hi.reshape(()))
-    return jnp.where(inside, x + jax.lax.stop_gradient(x_hat - x), jax.lax.stop_gradient(x_hat))
+    fixed = jax.lax.stop_gradient(scale)
+    q = calibrate.quantize_grouped(grouped, fixed, zero, fmt)
+    x_hat = calibrate.dequantize_grouped(q, fixed, zero, fmt).reshape(x.shape).astype(jnp.float32)
+    if isinstance(fmt, formats.IntFormat):
+        code_lo, code_hi = float(fmt.qmin), float(fmt.qmax)
+    else:
+        grid = fmt.grid()
+        code_lo, code_hi = float(grid[0]), float(grid[-1])
+    s, z = scale.reshape(()), (0.0 if zero is None else zero.reshape(()).astype(jnp.float32))
+    v = x.astype(jnp.float32) / s + z  # in grid units
+    inside = (v >= code_lo) & (v <= code_hi)
+    v = jnp.where(inside, v, jnp.clip(jax.lax.stop_gradient(v), code_lo, code_hi))
+    surrogate = s * (v + jax.lax.stop_gradient(fmt.round(v) - v) - z)
+    return (jax.lax.stop_gradient(x_hat) + (surrogate - jax.lax.stop_gradient(surrogate))).astype(x.dtype)
 
 
 def quantize_activation(x: jax.Array, quant: LayerQuant, act_params: Optional[ActQParams] = None) -> jax.Array:

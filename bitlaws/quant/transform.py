@@ -219,10 +219,49 @@ def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "r
     """Runs a registered method on the layers `rules` match and materializes its result as a new model.
 
     See `quantize_model` for the arguments (`materialize` is its `mode` without ``calibrate``). With no rules,
-    or the float baseline ``none``, returns `model` itself.
+    or the float baseline ``none``, returns `model` itself. `run_method` + `materialize_result` in one call.
     """
     if materialize not in methods.MATERIALIZE:
         raise ValueError(f"materialize must be one of {methods.MATERIALIZE}, got {materialize!r}")
+    run = run_method(model, rules, method, materialize=materialize, params=params, calib_stats=calib_stats,
+                     calibrate=calibrate, data=data, seed=seed, backend=backend, warn_unused=warn_unused)
+    if run is None:
+        return model
+    return materialize_result(model, run.assignments, run.result, materialize, run.stats, backend)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """A method's result before materialization (`run_method`).
+
+    Attributes:
+        assignments: ``{layer path: rule}`` of the matched layers.
+        result: What the method returned.
+        stats: The calibration statistics the materialization needs (static activation ranges), or None.
+    """
+
+    assignments: Mapping[str, QuantRule]
+    result: MethodResult
+    stats: Optional[Mapping[str, ActStats]]
+
+    def rewritten_float(self, model: nnx.Module) -> nnx.Module:
+        """`model` with the method's rewrites (smoothed kernels, folds, input scales, QAT's trained weights) and
+        no quantization: the float model the quantized weights quantize (a ``fake`` build viewed in ``fp``)."""
+        fake = materialize_result(model, self.assignments, dataclasses.replace(self.result, weights={}), "fake",
+                                  self.stats)
+        return with_mode(fake, "fp")
+
+
+def run_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "rtn", *,
+               materialize: str = "packed", params: Optional[Mapping] = None,
+               calib_stats: Optional[Mapping[str, ActStats]] = None,
+               calibrate: Optional[methods.CalibrateFn] = None, data: Optional[methods.CalibrationData] = None,
+               seed: int = 0, backend: str = "xla", warn_unused: bool = True) -> Optional[MethodRun]:
+    """Runs a registered method (see `apply_method`); None for no rules or the float baseline.
+
+    `materialize` only tells the method which representation follows (``fake`` RTN computes nothing) and
+    which weights the result must cover.
+    """
     if calibrate is None and data is not None:
         calibrate = methods.cached_calibration(methods.calibrate_on(data))
     quant_method = methods.get_method(method)
@@ -234,7 +273,7 @@ def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "r
     if quant_method.kind == "float" or not rules:
         if rules:
             raise ValueError(f"method {method!r} is the float baseline; it takes no quantization rules")
-        return model
+        return None
     check_rules(model, rules)
     _check_finite_kernels(model, rules)
     layers = dict(quant_layers(model))
@@ -247,7 +286,7 @@ def apply_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "r
         result = quant_method.fn(methods.MethodProblem(model, targets, resolved, seed, calibrate, data))
         _check_result(method, result, matched.assignments, materialize)
         stats = _restatistics(model, rules, matched.assignments, result, stats, calibrate, backend)
-    return _materialize(model, matched.assignments, result, materialize, stats, backend)
+    return MethodRun(matched.assignments, result, stats)
 
 
 def _restatistics(model, rules, assignments, result, stats, calibrate, backend):
@@ -263,7 +302,7 @@ def _restatistics(model, rules, assignments, result, stats, calibrate, backend):
     if calibrate is None:
         raise ValueError(f"static activation specs of {static} need recalibration after the method's rewrites; "
                          f"pass a calibrate callback or calibration data")
-    rewritten = _materialize(model, assignments, dataclasses.replace(result, weights={}), "fake", stats, backend)
+    rewritten = materialize_result(model, assignments, dataclasses.replace(result, weights={}), "fake", stats, backend)
     return {**stats, **calibrate(rewritten, rules, False)}
 
 
@@ -296,7 +335,7 @@ def _statistics(model, rules, assignments, quant_method, calib_stats, calibrate)
 def _check_result(method: str, result: MethodResult, assignments: Mapping[str, QuantRule], materialize: str) -> None:
     """The result covers exactly the matched layers (weights for every layer with a weight spec)."""
     for name, entries in (("weights", result.weights), ("kernels", result.kernels),
-                          ("input_scales", result.input_scales)):
+                          ("input_scales", result.input_scales), ("act_params", result.act_params)):
         unknown = sorted(set(entries) - set(assignments))
         if unknown:
             raise ValueError(f"method {method!r} returned {name} for layer(s) no rule matched: {unknown}")
@@ -317,9 +356,24 @@ def _resolve(model: nnx.Module, dotted: str) -> tuple[object, str]:
     return node, leaf
 
 
-def _materialize(model: nnx.Module, assignments: Mapping[str, QuantRule], result: MethodResult, materialize: str,
-                 stats: Optional[Mapping[str, ActStats]], backend: str) -> nnx.Module:
-    """Builds the quantized model from a method's result (the input model is not touched)."""
+def materialize_result(model: nnx.Module, assignments: Mapping[str, QuantRule], result: MethodResult, how: str,
+                       stats: Optional[Mapping[str, ActStats]] = None, backend: str = "xla") -> nnx.Module:
+    """Builds the quantized model from a method's result (the input model is not touched).
+
+    Args:
+        model: The float model the method ran on.
+        assignments: ``{layer path: rule}`` (`match_rules(...).assignments`, or a subset for a sub-module).
+        result: The method's result (an empty `MethodResult` gives plain ``fake`` layers: what QAT trains).
+        how: ``packed``, ``baked`` or ``fake`` (`bitlaws.quant.methods.MATERIALIZE`).
+        stats: Calibration statistics of the layers with static activation specs.
+        backend: Matmul backend of ``packed`` layers.
+    """
+    if how not in methods.MATERIALIZE:
+        raise ValueError(f"materialize must be one of {methods.MATERIALIZE}, got {how!r}")
+    static = [path for path, rule in assignments.items() if rule.act is not None and rule.act.static
+              and (stats is None or path not in stats) and path not in result.act_params]
+    if static:
+        raise ValueError(f"static activation specs of {static} need calibration statistics")
     new_model = nnx.clone(model)  # a new graph over the same (immutable) arrays: no array is copied
     for dotted, value in result.params.items():
         parent, leaf = _resolve(new_model, dotted)
@@ -334,15 +388,17 @@ def _materialize(model: nnx.Module, assignments: Mapping[str, QuantRule], result
             layer.input_scale = InputScale(jnp.asarray(result.input_scales[path], jnp.float32))
         act = rule.act
         if act is not None and act.static:
-            layer.act_qparams = ActQParamsVar(seam.static_act_params(stats[path], act))
+            learned = result.act_params.get(path)
+            layer.act_qparams = ActQParamsVar(learned if learned is not None else seam.static_act_params(stats[path],
+                                                                                                        act))
         act_only = seam.FP if act is None else LayerQuant(mode="fake", act=act, backend=backend)
         if rule.weight is None:
             layer.quant = act_only
-        elif materialize == "packed":
+        elif how == "packed":
             layer.qkernel = QWeight(result.weights[path])
             layer.kernel = None
             layer.quant = LayerQuant(mode="packed", weight=rule.weight, act=act, backend=backend)
-        elif materialize == "baked":
+        elif how == "baked":
             layer.kernel.set_value(result.weights[path].dequantize(layer.kernel.get_value().dtype))
             layer.quant = act_only
         else:

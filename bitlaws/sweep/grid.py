@@ -9,6 +9,7 @@ A sweep config (ml-collections) names the grid::
     config.seeds = (0,)
     config.method_params = {"gptq": {"damp": 0.01}}  # optional: one dict, or a list of dicts to sweep
     config.method_settings = {"smoothquant": ("W8A8", "W4A8")}  # optional: where a method runs (default: all)
+    config.method_models = {"qat:topkld": ("var-d2",)}  # optional: on which models a method runs (default: all)
     config.imports = ("my_methods",)               # optional: modules registering custom methods
 
 Expansion order is models × settings × formats × methods × params × seeds (outer to inner), duplicates
@@ -201,6 +202,29 @@ def _method_settings(config: ml_collections.ConfigDict, methods: Sequence[str]) 
     return result
 
 
+def _method_models(config: ml_collections.ConfigDict, methods: Sequence[str],
+                   models: Sequence[str]) -> dict[str, set[str]]:
+    """``config.method_models`` as ``{method: {model names}}`` (methods absent from it run on every model).
+
+    Raises:
+        ValueError: a method not in ``config.methods`` or a model not in ``config.models``.
+    """
+    block = config.get("method_models", None) if hasattr(config, "get") else None
+    if not block:
+        return {}
+    result = {}
+    for method, names in dict(block).items():
+        if method not in methods:
+            raise ValueError(f"config.method_models names method {method!r}, which is not in config.methods "
+                             f"{list(methods)}")
+        names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [name for name in names if name not in models]
+        if unknown:
+            raise ValueError(f"config.method_models[{method!r}] names model(s) {unknown} not in config.models")
+        result[method] = set(names)
+    return result
+
+
 def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
     """Expands `config` into cells and the reasons for every combination left out.
 
@@ -221,6 +245,7 @@ def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
     methods = _names(config, "methods")
     _validate_methods(methods)
     method_settings = _method_settings(config, methods)
+    method_models = _method_models(config, methods, models)
     seeds = _seeds(config)
 
     cells: dict[str, Cell] = {}
@@ -238,7 +263,8 @@ def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
                     skipped.setdefault(f"{model}|{setting}|{family}", reason)
                     continue
                 for method in methods:
-                    if method in method_settings and setting not in method_settings[method]:
+                    if (method in method_settings and setting not in method_settings[method]) or (
+                            method in method_models and model not in method_models[method]):
                         continue  # the config's choice, not a gap: not listed in `skipped`
                     for params in _param_sets(config, method):
                         for seed in seeds:

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from flax import nnx
 
-from bitlaws import ptq  # noqa: F401  (registers the PTQ methods)
+from bitlaws import ptq, qat  # noqa: F401  (register the PTQ and QAT methods)
 from bitlaws.quant import methods, transform
 from bitlaws.quant.spec import QuantRule, QuantSpec
 

@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=2e-3,
         weight_decay=0.05,
         warmup_steps=1 if quick else 100,
+        min_warmup_steps=1,  # the warm-up lasts at least one step (the first update has lr 0)
+        final_lr_fraction=0.05,  # cosine decay to 5 % of the peak
+        b2=0.95,  # AdamW (b1 0.9)
+        grad_clip=1.0,  # global-norm clipping
         checkpoint_every=2 if quick else 200,
         seed=0,
     ))

@@ -92,6 +92,21 @@ def test_config_and_quick_training_round_trip(tmp_path):
     assert classifier.accuracy(restored, images, load_digits("val").labels) == pytest.approx(summary["val_accuracy"])
 
 
+def test_epoch_batches_slice_one_stream_of_seeded_permutations():
+    images, labels = np.arange(10, dtype=np.float32)[:, None], np.arange(10, dtype=np.int32)
+    batches = classifier.EpochBatches(images, labels, batch_size=4, seed=3)
+    # The stream the classifier trainer consumed before bitlaws.train: permutations appended when short.
+    rng, order, expected = np.random.default_rng(3), np.zeros(0, np.int32), []
+    for _ in range(12):
+        if order.shape[0] < 4:
+            order = np.concatenate([order, rng.permutation(10).astype(np.int32)])
+        expected.append(order[:4])
+        order = order[4:]
+    for step in (5, 0, 11, 2):  # any order: a pure function of the step
+        np.testing.assert_array_equal(batches.indices(step), expected[step])
+        np.testing.assert_array_equal(batches(step)[1], expected[step])
+
+
 @pytest.mark.slow
 def test_full_config_reproduces_the_shipped_accuracy(tmp_path):
     summary = classifier.train_from_config(load_config(CONFIG), tmp_path / "ckpt")

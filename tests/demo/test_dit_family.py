@@ -16,6 +16,7 @@ from bitlaws.demo import dit_family
 from bitlaws.demo.data import load_digits
 from bitlaws.demo.family import families, load_member
 from bitlaws.quant import QuantRule, match_rules
+from bitlaws.train import metrics_lines
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -117,6 +118,7 @@ def test_two_step_training_resumes_from_its_checkpoint(tmp_path):
     config.train.steps = 2
     resumed = dit_family.train_from_config(config, tmp_path / "run", progress=False)
     assert resumed["steps"] == 2 and resumed["resumed_from"] == 1
+    assert [r["step"] for r in metrics_lines(tmp_path / "run")] == [1, 2]
     straight = dit_family.train_from_config(config, tmp_path / "straight", progress=False)
     assert straight["resumed_from"] == 0
     got = nnx.state(dit_family.load_from_dir(tmp_path / "run" / "model").model)

@@ -18,6 +18,7 @@ from bitlaws.demo import var_family as vf
 from bitlaws.demo.data import DigitsData, load_digits
 from bitlaws.quant.transform import match_rules
 from bitlaws.quant.spec import QuantRule
+from bitlaws.train import metrics_lines
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -114,6 +115,7 @@ def test_two_step_training_resumes(tmp_path):
     resumed = vf.train_from_config(config, tmp_path, progress=False)
     assert resumed["train"]["start_step"] == 2 and resumed["train"]["steps"] == 4 and resumed["finished"]
     assert resumed["train"]["wall_s"] > first["train"]["wall_s"]  # accumulated over sessions
+    assert [r["step"] for r in metrics_lines(tmp_path)] == [1, 2, 3, 4]  # bitlaws.train's log, one line per step
     assert np.isfinite(resumed["val"]["loss"])
     tokenizer_ctor = checkpoint.load_metadata(vf.CHECKPOINT_ROOT / vf.TOKENIZER_NAME)["ctor"]
     trained = checkpoint.load_model(lambda: vf.build_var(config.model, tokenizer_ctor), tmp_path)

@@ -42,4 +42,4 @@ def test_single_method_sweeps_get_no_method_section(tmp_path):
     path = report.write_report(rows, tmp_path, n_boot=0)
     assert "## Methods" not in path.read_text()
     path = report.write_report(_rows(), tmp_path, n_boot=0)
-    assert "## Methods (the paper's PTQ tables)" in path.read_text()
+    assert "## Methods (the paper's PTQ and distillation tables)" in path.read_text()

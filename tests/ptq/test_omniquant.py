@@ -66,7 +66,7 @@ class _Run:
         finally:
             omniquant_core.train_block = real
         self.info = self.result.info
-        self.packed, self.baked = (transform._materialize(model, matched, self.result, how, stats, "xla")
+        self.packed, self.baked = (transform.materialize_result(model, matched, self.result, how, stats, "xla")
                                    for how in ("packed", "baked"))
 
     def trained_mse(self, index: int) -> float:

@@ -148,3 +148,17 @@ def test_method_settings_restrict_where_a_method_runs():
     assert expansion.skipped == []  # the config's choice is not reported as a gap
     with pytest.raises(ValueError, match="names method 'awq', which is not in config.methods"):
         grid.expand_grid_report(_config(method_settings={"awq": ("W4A16",)}))
+
+
+def test_method_models_restrict_on_which_models_a_method_runs():
+    from bitlaws import ptq  # noqa: F401  pylint: disable=g-import-not-at-top  (registers gptq)
+
+    config = _config(formats=("int",), settings=("W16A16", "W4A16"), methods=("rtn", "gptq"),
+                     method_models={"gptq": ("m-b",)})
+    cells = grid.expand_grid(config)
+    assert {(c.model, c.method) for c in cells if c.method != "none"} == {("m-a", "rtn"), ("m-b", "rtn"),
+                                                                           ("m-b", "gptq")}
+    with pytest.raises(ValueError, match=r"config.method_models\['gptq'\] names model\(s\) \['m-z'\]"):
+        grid.expand_grid(_config(methods=("rtn", "gptq"), method_models={"gptq": ("m-z",)}))
+    with pytest.raises(ValueError, match="names method 'awq', which is not in config.methods"):
+        grid.expand_grid(_config(method_models={"awq": ("m-a",)}))
