@@ -103,17 +103,18 @@ def test_train_quantized_touches_only_the_quantized_kernels():
 
 
 def test_lsq_learns_the_step_sizes_and_packs_what_it_trained():
+    from bitlaws.quant import materialize_result  # pylint: disable=g-import-not-at-top
+
     model, data = _model(), _data()
-    params = dict(FAST, lsq=True, lr_lsq=3e-2)
-    run = run_method(model, RULES, "qat:fkl", materialize="packed", params=params, data=data)
+    run = run_method(model, RULES, "qat:fkl", materialize="packed", params=dict(FAST, lsq=True, lr_lsq=3e-2),
+                     data=data)
     plain = run_method(model, RULES, "qat:fkl", materialize="packed", params=FAST, data=data)
     lsq_scale = np.asarray(run.result.weights["fc2"].scale, np.float32)
     rtn_scale = np.asarray(get_method("rtn").fn.weight_fn(run.result.kernels["fc2"], RULES[0].weight).scale,
                            np.float32)
     assert not np.allclose(lsq_scale, rtn_scale)  # learned ranges, not min-max
-    packed = apply_method(model, RULES, "qat:fkl", materialize="packed", params=params, data=data)
-    assert _eval_fkl(packed, data) < 1.05 * _eval_fkl(
-        apply_method(model, RULES, "qat:fkl", materialize="packed", params=FAST, data=data), data)
+    packed, plain_packed = (materialize_result(model, r.assignments, r.result, "packed", r.stats) for r in (run, plain))
+    assert _eval_fkl(packed, data) < 1.05 * _eval_fkl(plain_packed, data)
     assert plain.result.info["qat"]["lsq"] is False and run.result.info["qat"]["lsq"] is True
 
 
