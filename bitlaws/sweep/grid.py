@@ -183,23 +183,33 @@ def _validate_methods(methods: Sequence[str]) -> None:
             raise ValueError(f"method {method!r} is the float baseline: list 'W16A16' in settings instead")
 
 
+def _method_restriction(config: ml_collections.ConfigDict, field: str, methods: Sequence[str],
+                        names_of) -> dict[str, set[str]]:
+    """``config.<field>`` as ``{method: set(names_of(method, names))}``; methods absent from it are unrestricted.
+
+    Raises:
+        ValueError: a method that is not in ``config.methods``, or what `names_of` raises for its names.
+    """
+    block = config.get(field, None) if hasattr(config, "get") else None
+    if not block:
+        return {}
+    result = {}
+    for method, names in dict(block).items():
+        if method not in methods:
+            raise ValueError(f"config.{field} names method {method!r}, which is not in config.methods "
+                             f"{list(methods)}")
+        result[method] = set(names_of(method, (names,) if isinstance(names, str) else tuple(names)))
+    return result
+
+
 def _method_settings(config: ml_collections.ConfigDict, methods: Sequence[str]) -> dict[str, set[str]]:
     """``config.method_settings`` as ``{method: {setting names}}`` (methods absent from it run everywhere).
 
     Raises:
         ValueError: a method that is not in ``config.methods`` or a malformed setting name.
     """
-    block = config.get("method_settings", None) if hasattr(config, "get") else None
-    if not block:
-        return {}
-    result = {}
-    for method, names in dict(block).items():
-        if method not in methods:
-            raise ValueError(f"config.method_settings names method {method!r}, which is not in config.methods "
-                             f"{list(methods)}")
-        names = (names,) if isinstance(names, str) else tuple(names)
-        result[method] = {settings_lib.parse_setting(name).name for name in names}
-    return result
+    return _method_restriction(config, "method_settings", methods,
+                               lambda method, names: [settings_lib.parse_setting(name).name for name in names])
 
 
 def _method_models(config: ml_collections.ConfigDict, methods: Sequence[str],
@@ -209,20 +219,14 @@ def _method_models(config: ml_collections.ConfigDict, methods: Sequence[str],
     Raises:
         ValueError: a method not in ``config.methods`` or a model not in ``config.models``.
     """
-    block = config.get("method_models", None) if hasattr(config, "get") else None
-    if not block:
-        return {}
-    result = {}
-    for method, names in dict(block).items():
-        if method not in methods:
-            raise ValueError(f"config.method_models names method {method!r}, which is not in config.methods "
-                             f"{list(methods)}")
-        names = (names,) if isinstance(names, str) else tuple(names)
+
+    def known_models(method: str, names: tuple) -> tuple:
         unknown = [name for name in names if name not in models]
         if unknown:
             raise ValueError(f"config.method_models[{method!r}] names model(s) {unknown} not in config.models")
-        result[method] = set(names)
-    return result
+        return names
+
+    return _method_restriction(config, "method_models", methods, known_models)
 
 
 def expand_grid_report(config: ml_collections.ConfigDict) -> GridExpansion:
