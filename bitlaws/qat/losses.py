@@ -168,6 +168,40 @@ def js(student_logits, teacher_logits, *, mask: Optional[jax.Array] = None, temp
 TOPKLD_FORMS = ("divergence", "paper")
 
 
+def teacher_top_k(teacher_logits, k: int) -> jax.Array:
+    """Membership mask ``[..., T, V]`` bool of each position's K largest teacher logits (TopKLD's ``M_s``).
+
+    ``jax.lax.top_k`` on the upcast logits: ties go to the lower vocabulary index, so exactly K tokens are
+    chosen per position. No gradient flows through it. `k`: Python int in ``[0, V]`` (static under jit).
+    """
+    teacher = jnp.asarray(teacher_logits)
+    vocab = teacher.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= vocab:
+        raise ValueError(f"k must be an int with 0 <= k <= V = {vocab}, got k={k!r}")
+    k = int(k)
+    if k in (0, vocab):
+        return jnp.full(teacher.shape, k == vocab)
+    teacher = jax.lax.stop_gradient(teacher.astype(jnp.promote_types(teacher.dtype, jnp.float32)))
+    _, top = jax.lax.top_k(teacher, k)  # [..., T, K]
+    return jnp.put_along_axis(jnp.zeros(teacher.shape, bool), top, True, axis=-1, inplace=False)  # [..., T, V]
+
+
+def _topkld_terms(in_top: jax.Array, form: str) -> _Terms:
+    def terms(s, t):
+        logp_s, logp_t = _log_probs(s, t)
+        value = jnp.where(in_top, _kl_terms(logp_s, logp_t), _kl_terms(logp_t, logp_s))
+        if form == "divergence":
+            p_s, p_t = jnp.exp(logp_s), jnp.exp(logp_t)
+            value = value + jnp.where(in_top, p_t - p_s, p_s - p_t)
+        return value
+    return terms
+
+
+def _check_form(form: str) -> None:
+    if form not in TOPKLD_FORMS:
+        raise ValueError(f"topkld form must be one of {TOPKLD_FORMS}, got form={form!r}")
+
+
 def topkld(student_logits, teacher_logits, *, k: int, mask: Optional[jax.Array] = None,
            temperature: float = 1.0, form: str = "divergence") -> jax.Array:
     """TopKLD (paper eq. 7): reverse KL terms on the teacher's top-K tokens, forward KL terms on the rest.
@@ -176,10 +210,10 @@ def topkld(student_logits, teacher_logits, *, k: int, mask: Optional[jax.Array] 
     (see the module docstring); ``form="paper"`` is eq. 7 literally.
 
     ``Σ_{y∈M_s} P_S log(P_S/P_T) + Σ_{y∈M_c} P_T log(P_T/P_S)`` per position, ``M_s`` the K tokens with the
-    largest teacher logits (``jax.lax.top_k`` on the upcast, untempered teacher logits, so the set does not
-    depend on ``temperature``; ties go to the lower vocabulary index, lax.top_k's order, so exactly K tokens
-    are chosen). The membership mask is built by scattering top_k's indices and carries no gradient.
-    K = 0 is `forward_kl`, K = V is `reverse_kl` (top_k is not called for either).
+    largest teacher logits (`teacher_top_k` on the untempered teacher logits, so the set does not depend on
+    ``temperature``; ties go to the lower vocabulary index). K = 0 is `forward_kl`, K = V is `reverse_kl`
+    (exactly: top_k is not called and no mass terms are added for either). `topkld_masked` takes a
+    precomputed ``M_s`` instead of K.
 
     Args:
         student_logits: ``[..., T, V]`` float student logits.
@@ -196,32 +230,31 @@ def topkld(student_logits, teacher_logits, *, k: int, mask: Optional[jax.Array] 
     Raises:
         ValueError: ``k`` not an int in ``[0, V]``, an unknown ``form``, or the errors of the other losses.
     """
-    if form not in TOPKLD_FORMS:
-        raise ValueError(f"topkld form must be one of {TOPKLD_FORMS}, got form={form!r}")
+    _check_form(form)
     _check_shapes(np.shape(student_logits), np.shape(teacher_logits))
     vocab = np.shape(teacher_logits)[-1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= vocab:
-        raise ValueError(f"k must be an int with 0 <= k <= V = {vocab}, got k={k!r}")
-    k = int(k)
-    in_top = None
-    if 0 < k < vocab:
-        teacher = jnp.asarray(teacher_logits)
-        teacher = jax.lax.stop_gradient(teacher.astype(jnp.promote_types(teacher.dtype, jnp.float32)))
-        _, top = jax.lax.top_k(teacher, k)  # [..., T, K]
-        in_top = jnp.put_along_axis(jnp.zeros(teacher.shape, bool), top, True, axis=-1, inplace=False)  # [..., T, V]
+    in_top = teacher_top_k(teacher_logits, k)  # validates k
+    if k == 0:
+        return forward_kl(student_logits, teacher_logits, mask=mask, temperature=temperature)
+    if k == vocab:
+        return reverse_kl(student_logits, teacher_logits, mask=mask, temperature=temperature)
+    return _reduce(student_logits, teacher_logits, _topkld_terms(in_top, form), mask, temperature)
 
-    def terms(s, t):
-        logp_s, logp_t = _log_probs(s, t)
-        if k == 0:
-            return _kl_terms(logp_t, logp_s)
-        if k == vocab:
-            return _kl_terms(logp_s, logp_t)
-        value = jnp.where(in_top, _kl_terms(logp_s, logp_t), _kl_terms(logp_t, logp_s))
-        if form == "divergence":
-            p_s, p_t = jnp.exp(logp_s), jnp.exp(logp_t)
-            value = value + jnp.where(in_top, p_t - p_s, p_s - p_t)
-        return value
-    return _reduce(student_logits, teacher_logits, terms, mask, temperature)
+
+def topkld_masked(student_logits, teacher_logits, in_top, *, mask: Optional[jax.Array] = None,
+                  temperature: float = 1.0, form: str = "divergence") -> jax.Array:
+    """`topkld` with the top-K membership ``in_top`` given (bool ``[..., T, V]``, e.g. `teacher_top_k` computed
+    once per data row when the teacher's outputs are cached): the same value as ``topkld(..., k=K)`` for
+    0 < K < V. ``in_top`` may be traced, so one compiled program serves every K.
+
+    Raises:
+        ValueError: ``in_top``'s shape differs from the logits', an unknown ``form``, or the other losses' errors.
+    """
+    _check_form(form)
+    if np.shape(in_top) != np.shape(teacher_logits):
+        raise ValueError(f"in_top shape {np.shape(in_top)} != teacher_logits shape {np.shape(teacher_logits)}")
+    return _reduce(student_logits, teacher_logits, _topkld_terms(jnp.asarray(in_top, bool), form), mask,
+                   temperature)
 
 
 LOSSES = types.MappingProxyType({"mse": mse, "js": js, "fkl": forward_kl, "rkl": reverse_kl, "topkld": topkld})

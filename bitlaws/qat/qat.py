@@ -51,6 +51,11 @@ Hyper-parameters (``DEFAULTS``; errors name the parameter):
 ``mesh_params``    devices on the parameter (FSDP) axis (1)
 ``out_dir``        checkpoint folder of the training state (None: no checkpoints); a rerun resumes from it
 ``log_every``      steps between logged metrics (10)
+``teacher_cache``  ``auto`` (default), True or False: run the frozen teacher once over the data pool before
+                   training and feed its outputs (and TopKLD's top-K masks) to the step as data, instead of
+                   a teacher forward in every step. ``auto`` caches when they take at most 1 GiB. Cached, the
+                   step selects the loss by a traced index, so every loss of a model and setting compiles to
+                   one program (a sweep's persistent compilation cache then compiles it once)
 =================  ==========================================================================================
 
 ``info["qat"]`` of the result records the loss at the first and last logged steps, steps, wall time and
@@ -86,8 +91,9 @@ TRAINABLE = ("all", "quantized")
 DEFAULTS: dict[str, Any] = {
     "steps": 200, "batch_size": 16, "lr": 1e-4, "warmup_steps": 10, "final_lr_fraction": 0.1,
     "weight_decay": 0.0, "grad_clip": 1.0, "temperature": 1.0, "train": "all", "lsq": False, "lr_lsq": 1e-3,
-    "lsq_init": 4.0, "mesh_data": -1, "mesh_params": 1, "out_dir": None, "log_every": 10,
+    "lsq_init": 4.0, "mesh_data": -1, "mesh_params": 1, "out_dir": None, "log_every": 10, "teacher_cache": "auto",
 }
+TEACHER_CACHE_AUTO_BYTES = 1 << 30  # "auto" caches the teacher when its outputs (+ top-K masks) fit in 1 GiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +117,7 @@ class QatConfig:
     mesh_params: int
     out_dir: Optional[str]
     log_every: int
+    teacher_cache: Any = "auto"
     k: Optional[int] = None
     form: str = "divergence"
 
@@ -136,6 +143,8 @@ class QatConfig:
             raise bad("train", f"one of {TRAINABLE}")
         if not isinstance(params["lsq"], bool):
             raise bad("lsq", "True or False")
+        if not (isinstance(params["teacher_cache"], bool) or params["teacher_cache"] == "auto"):
+            raise bad("teacher_cache", "'auto', True or False")
         k = params.get("k")
         if k is not None:
             k = integer("k", 0)
@@ -156,8 +165,8 @@ class QatConfig:
                    weight_decay=number("weight_decay", 0.0, False), grad_clip=number("grad_clip", 0.0, False),
                    temperature=number("temperature", 0.0, True), train=params["train"], lsq=params["lsq"],
                    lr_lsq=number("lr_lsq", 0.0, True), lsq_init=float(params["lsq_init"]), mesh_data=mesh_data,
-                   mesh_params=integer("mesh_params", 1), out_dir=out_dir, log_every=integer("log_every", 1), k=k,
-                   form=form)
+                   mesh_params=integer("mesh_params", 1), out_dir=out_dir, log_every=integer("log_every", 1),
+                   teacher_cache=params["teacher_cache"], k=k, form=form)
 
     def train_config(self, seed: int) -> "trainlib.TrainConfig":
         return trainlib.TrainConfig(
@@ -175,11 +184,70 @@ def distillation_loss(cfg: QatConfig, vocab: int) -> Callable[[jax.Array, jax.Ar
     fn = losses.get_loss(cfg.loss)
     kwargs: dict[str, Any] = {} if cfg.loss == "mse" else {"temperature": cfg.temperature}
     if cfg.loss == "topkld":
-        k = cfg.k if cfg.k is not None else int(round(PAPER_K_SHARE * vocab))
+        k = resolved_k(cfg, vocab)
         if k > vocab:
             raise ValueError(f"qat:topkld: k={k} exceeds the vocabulary V={vocab}")
         kwargs.update(k=k, form=cfg.form)
     return lambda student, teacher: fn(student, teacher, **kwargs)
+
+
+def resolved_k(cfg: QatConfig, vocab: int) -> int:
+    """TopKLD's K for `cfg`: ``cfg.k``, or the paper's share of the vocabulary, ``round(600 / 4096 * V)``."""
+    return cfg.k if cfg.k is not None else int(round(PAPER_K_SHARE * vocab))
+
+
+def loss_branches(cfg: QatConfig, vocab: int) -> tuple[Callable[[jax.Array, jax.Array, jax.Array], jax.Array], ...]:
+    """One ``(student [B, T, C], teacher [B, T, C], in_top [B, T, C] bool) -> loss`` per name of `LOSS_NAMES`.
+
+    The branches of the cached-teacher step's `jax.lax.switch`: ``in_top`` (TopKLD's set) is data, so the
+    tuple - and the compiled step - is the same whichever loss `cfg` names (as long as ``temperature``,
+    ``form`` and the K-is-0-or-V cases agree).
+    """
+    temperature, k = cfg.temperature, resolved_k(cfg, vocab)
+
+    def kl_type(fn):
+        return lambda s, t, in_top: fn(s, t, temperature=temperature)
+
+    if k == 0:
+        top = kl_type(losses.forward_kl)
+    elif k == vocab:
+        top = kl_type(losses.reverse_kl)
+    else:
+        def top(s, t, in_top):
+            return losses.topkld_masked(s, t, in_top, temperature=temperature, form=cfg.form)
+    named = {"mse": lambda s, t, in_top: losses.mse(s, t), "js": kl_type(losses.js),
+             "fkl": kl_type(losses.forward_kl), "rkl": kl_type(losses.reverse_kl), "topkld": top}
+    return tuple(named[name] for name in LOSS_NAMES)
+
+
+def use_teacher_cache(cfg: QatConfig, probe: jax.ShapeDtypeStruct, rows: int) -> bool:
+    """Whether to cache the teacher: ``cfg.teacher_cache``, or for ``auto`` whether the pool's outputs and
+    top-K masks (``rows x T x C`` of the output dtype plus one byte) fit in `TEACHER_CACHE_AUTO_BYTES`."""
+    if cfg.teacher_cache != "auto":
+        return bool(cfg.teacher_cache)
+    per_row = math.prod(probe.shape[1:]) * (jnp.dtype(probe.dtype).itemsize + 1)
+    return rows * per_row <= TEACHER_CACHE_AUTO_BYTES
+
+
+def teacher_outputs(teacher_def: nnx.GraphDef, teacher_state: nnx.State, forward: Callable, pool: Any,
+                    cfg: QatConfig, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen teacher's outputs on every pool row, ``[N, T, C]``, and TopKLD's top-K sets ``[N, T, C]`` bool
+    (all False unless `cfg` is ``topkld`` with 0 < K < V), computed ``cfg.batch_size`` rows at a time."""
+    k = resolved_k(cfg, vocab) if cfg.loss == "topkld" else 0
+    masked = 0 < k < vocab
+
+    @jax.jit
+    def chunk(state, batch):
+        out = as_positions(forward(nnx.merge(teacher_def, state), batch))
+        return out, (losses.teacher_top_k(out, k) if masked else jnp.zeros(out.shape, bool))
+
+    n = pool_rows(pool)
+    outs, tops = [], []
+    for start in range(0, n, cfg.batch_size):
+        out, top = chunk(teacher_state, jax.tree.map(lambda x: x[start:start + cfg.batch_size], pool))
+        outs.append(np.asarray(out))
+        tops.append(np.asarray(top))
+    return np.concatenate(outs), np.concatenate(tops)
 
 
 def as_positions(out: jax.Array) -> jax.Array:
@@ -268,13 +336,14 @@ def qat(problem: MethodProblem, loss: str) -> MethodResult:
     act_log = [jnp.log(student_layers[t.path].act_qparams.get_value().scale) for t in static]
 
     probe = jax.eval_shape(lambda state, batch: forward(nnx.merge(teacher_def, state), batch), teacher_state,
-                          jax.tree.map(lambda x: x[:1], pool))
-    distil = distillation_loss(cfg, int(probe.shape[-1]))
+                           jax.tree.map(lambda x: x[:1], pool))
+    vocab = int(probe.shape[-1])
+    distil = distillation_loss(cfg, vocab)  # validates k against the vocabulary
+    cached = use_teacher_cache(cfg, probe, n)
 
-    def loss_fn(trainable, frozen, batch, key):
-        del key
+    def student_output(trainable, student_rest, data) -> jax.Array:
+        """The student's output ``[B, T, C]`` with the trained weights, LWC ranges and activation scales."""
         model_params, lwc_logits, log_scales = trainable["model"], trainable["lwc"], trainable["act"]
-        teacher_params, student_rest = frozen
         model = nnx.merge(graphdef, model_params, student_rest)
         layers = dict(transform.quant_layers(model)) if (lwc_logits or log_scales) else {}
         for target, (gamma, beta) in zip(weighted, lwc_logits):
@@ -282,13 +351,42 @@ def qat(problem: MethodProblem, loss: str) -> MethodResult:
             kernel.set_value(omniquant_core.lwc_fake_quant(kernel.get_value(), gamma, beta, target.rule.weight))
         for target, log_scale, zero in zip(static, log_scales, act_zero):
             layers[target.path].act_qparams = ActQParamsVar(ActQParams(jnp.exp(log_scale), zero))
-        teacher_out = jax.lax.stop_gradient(forward(nnx.merge(teacher_def, teacher_params), batch))
-        value = distil(as_positions(forward(model, batch)), as_positions(teacher_out))
-        return value, {"loss": value}
+        return as_positions(forward(model, data))
 
-    def get_batch(step: int):
-        rows = batch_indices(n, cfg.batch_size, step, problem.seed)
-        return jax.tree.map(lambda x: x[rows], pool)
+    def rows_of(tree: Any, rows: np.ndarray) -> Any:
+        return jax.tree.map(lambda x: x[rows], tree)
+
+    if cached:
+        # The teacher runs once over the pool; the step gets its outputs (and TopKLD's top-K sets) as data and
+        # picks the loss by a traced index, so the five losses share one program per model and setting.
+        teacher_pool, top_pool = teacher_outputs(teacher_def, teacher_state, forward, pool, cfg, vocab)
+        branches = loss_branches(cfg, vocab)
+
+        def loss_fn(trainable, frozen, batch, key):
+            del key
+            student_rest, loss_index = frozen
+            data, teacher_out, in_top = batch
+            value = jax.lax.switch(loss_index, branches, student_output(trainable, student_rest, data),
+                                   teacher_out, in_top)
+            return value, {"loss": value}
+
+        frozen = (rest, np.int32(LOSS_NAMES.index(cfg.loss)))
+
+        def get_batch(step: int):
+            rows = batch_indices(n, cfg.batch_size, step, problem.seed)
+            return rows_of(pool, rows), teacher_pool[rows], top_pool[rows]
+    else:
+        def loss_fn(trainable, frozen, batch, key):
+            del key
+            teacher_params, student_rest = frozen
+            teacher_out = jax.lax.stop_gradient(forward(nnx.merge(teacher_def, teacher_params), batch))
+            value = distil(student_output(trainable, student_rest, batch), as_positions(teacher_out))
+            return value, {"loss": value}
+
+        frozen = (teacher_state, rest)
+
+        def get_batch(step: int):
+            return rows_of(pool, batch_indices(n, cfg.batch_size, step, problem.seed))
 
     config = cfg.train_config(problem.seed)
     optimizer = None
@@ -300,10 +398,11 @@ def qat(problem: MethodProblem, loss: str) -> MethodResult:
              "lsq": trainlib.make_optimizer(dataclasses.replace(config, learning_rate=cfg.lr_lsq))}, labels)
     began = time.perf_counter()
     result = trainlib.train(loss_fn, {"model": params, "lwc": lwc, "act": act_log}, get_batch, config,
-                            frozen=(teacher_state, rest), out_dir=cfg.out_dir, optimizer=optimizer, progress=False,
+                            frozen=frozen, out_dir=cfg.out_dir, optimizer=optimizer, progress=False,
                             desc=f"qat:{loss}")
     out = _result(problem, cfg, result.params["model"], result.params["lwc"], weighted, kernel_paths, result,
                   time.perf_counter() - began)
+    out.info["qat"]["teacher_cache"] = cached
     out.act_params = {t.path: ActQParams(jnp.exp(log_scale), zero)
                       for t, log_scale, zero in zip(static, result.params["act"], act_zero)}
     return out

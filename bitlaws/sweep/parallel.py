@@ -94,6 +94,7 @@ def _worker(index: int, config_dict: dict, tasks, messages, parent_pid: int) -> 
     stop_on_error = bool(config_dict.get("stop_on_error", True))
     try:
         config = prepare_worker(config_dict)
+        runner.use_compilation_cache(config)
         evaluate = runner.get_evaluator(config)(config)
         version_info = runner.versions()
     except Exception as e:  # pylint: disable=broad-except

@@ -126,7 +126,7 @@ def quant_rules(setting: str, family: str, module_path: str, *, weight_group_siz
     """The `QuantRule` list that realises `setting` in `family` on the layers matching `module_path`.
 
     Weights get one scale per output channel (or per `weight_group_size` rows of the kernel's reduction
-    view), activations one dynamic scale per token.
+    view), stored as float16 (`QuantSpec.scale_dtype`); activations one dynamic float32 scale per token.
 
     Args:
         setting: ``W<w>A<a>``.
@@ -154,7 +154,10 @@ def quant_rules(setting: str, family: str, module_path: str, *, weight_group_siz
         granularity = "channel" if weight_group_size is None else "group"
         weight = QuantSpec(format=weight_fmt, granularity=granularity, group_size=weight_group_size,
                            calibrator=weight_calibrator)
-    act = None if act_fmt is None else QuantSpec(format=act_fmt, granularity="token", calibrator="minmax")
+    # Dynamic per-token scales are computed by the kernel at run time and never stored, so they stay float32
+    # (as in an int8 x int8 kernel), not the float16 storage of weight scales.
+    act = None if act_fmt is None else QuantSpec(format=act_fmt, granularity="token", calibrator="minmax",
+                                                 scale_dtype="float32")
     return [QuantRule(module_path=module_path, weight=weight, act=act)]
 
 

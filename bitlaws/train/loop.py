@@ -201,14 +201,16 @@ def _hashable(tree: Any) -> tuple:
 def _compiled_step(loss_fn: LossFn, tx: optax.GradientTransformation, config: TrainConfig, in_shardings: tuple,
                    out_shardings: tuple) -> Callable:
     """The jitted train step, cached on everything that defines it (so repeated `train` calls reuse it)."""
-    key = (loss_fn, tx, config.ema_decay, config.seed, _hashable(in_shardings), _hashable(out_shardings))
+    key = (loss_fn, tx, config.ema_decay, _hashable(in_shardings), _hashable(out_shardings))
     if key in _STEP_CACHE:
         _STEP_CACHE.move_to_end(key)
         return _STEP_CACHE[key]
-    ema_decay, seed = config.ema_decay, config.seed
+    ema_decay = config.ema_decay
 
-    def train_step(params, opt_state, ema, frozen, batch, step):
-        step_key = jax.random.fold_in(jax.random.key(seed), step)
+    # The seed's key is an argument, not a constant: runs that differ only in their seed compile one program
+    # (and hit the persistent compilation cache of a sweep, see `bitlaws.sweep.runner`).
+    def train_step(params, opt_state, ema, frozen, batch, step, seed_key):
+        step_key = jax.random.fold_in(seed_key, step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, step_key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -362,9 +364,10 @@ def train(loss_fn: LossFn, params: Any, get_batch: Callable[[int], Any], config:
         metrics_path = pathlib.Path(out_dir) / METRICS_FILE if writer else None
         if metrics_path is not None:
             _trim_metrics_file(metrics_path, start_step)
+        seed_key = jax.device_put(jax.random.key(config.seed), replicated)
         step_fn = _compiled_step(loss_fn, tx, config,
                                  in_shardings=(param_shardings, opt_shardings, ema_shardings, frozen_shardings,
-                                               sharding.batch_sharding(mesh), replicated),
+                                               sharding.batch_sharding(mesh), replicated, replicated),
                                  out_shardings=(param_shardings, opt_shardings, ema_shardings, replicated))
         end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
         bar = tqdm(total=config.steps, initial=start_step, desc=desc, dynamic_ncols=True,
@@ -384,7 +387,7 @@ def train(loss_fn: LossFn, params: Any, get_batch: Callable[[int], Any], config:
             batch = get_batch(step)
             sharding.check_batch(batch, mesh)
             batch = sharding.put(batch, sharding.batch_sharding(mesh), copy=False)
-            params, opt_state, ema, metrics = step_fn(params, opt_state, ema, frozen, batch, np.int32(step))
+            params, opt_state, ema, metrics = step_fn(params, opt_state, ema, frozen, batch, np.int32(step), seed_key)
             step += 1
             log.flush()
             if step % config.log_every == 0 or step == config.steps:

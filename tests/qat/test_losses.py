@@ -245,3 +245,18 @@ def test_loss_lookup():
     assert all(name in message for name in NAMES)
     with pytest.raises(TypeError):
         losses.LOSSES["mine"] = forward_kl
+
+
+def test_topkld_masked_equals_topkld_and_teacher_top_k_picks_k_per_position():
+    s, t = jax.random.normal(jax.random.key(5), (2, 3, 4, 50))
+    for k in (1, 7, 49):
+        in_top = losses.teacher_top_k(t, k)
+        assert in_top.dtype == jnp.bool_ and (in_top.sum(-1) == k).all()
+        for form in losses.TOPKLD_FORMS:
+            np.testing.assert_allclose(losses.topkld_masked(s, t, in_top, form=form, temperature=1.5),
+                                       topkld(s, t, k=k, form=form, temperature=1.5), rtol=1e-6)
+    assert not losses.teacher_top_k(t, 0).any() and losses.teacher_top_k(t, 50).all()
+    with pytest.raises(ValueError, match=r"in_top shape \(4, 50\) != teacher_logits shape \(3, 4, 50\)"):
+        losses.topkld_masked(s, t, in_top[0])
+    with pytest.raises(ValueError, match="k must be an int with 0 <= k <= V = 50, got k=51"):
+        losses.teacher_top_k(t, 51)

@@ -168,3 +168,37 @@ def test_lsq_learns_static_activation_scales_and_the_model_uses_them():
         assert used == learned and learned > 0
         assert learned != float(getattr(calibrated, path).act_qparams.get_value().scale)
     assert _eval_fkl(packed, data) < _eval_fkl(calibrated, data)
+
+
+@pytest.mark.parametrize("loss", ["topkld", "js"])
+def test_cached_teacher_trains_the_same_model_as_a_teacher_in_every_step(loss):
+    model, data = _model(), _data()
+    params = dict(FAST, steps=20, **({"k": 6} if loss == "topkld" else {}))
+    runs = {cache: run_method(model, RULES, f"qat:{loss}", materialize="packed", data=data,
+                              params=dict(params, teacher_cache=cache)) for cache in (True, False)}
+    assert runs[True].result.info["qat"]["teacher_cache"] and not runs[False].result.info["qat"]["teacher_cache"]
+    for path in runs[True].result.kernels:
+        np.testing.assert_allclose(runs[True].result.kernels[path], runs[False].result.kernels[path],
+                                   rtol=1e-4, atol=1e-6)
+    first = [runs[c].result.info["qat"]["loss_first"] for c in (True, False)]
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-5)
+
+
+def test_cached_teacher_branches_are_the_named_losses():
+    cfg = qat.QatConfig.from_params("fkl", dict(qat.DEFAULTS, temperature=2.0))
+    s, t = jax.random.normal(jax.random.key(1), (2, 2, 3, V))
+    in_top = losses.teacher_top_k(t, 9)
+    branches = dict(zip(qat.LOSS_NAMES, qat.loss_branches(cfg, V)))
+    np.testing.assert_allclose(branches["fkl"](s, t, in_top), losses.forward_kl(s, t, temperature=2.0), rtol=1e-6)
+    np.testing.assert_allclose(branches["mse"](s, t, in_top), losses.mse(s, t), rtol=1e-6)
+    np.testing.assert_allclose(branches["topkld"](s, t, in_top), losses.topkld(s, t, k=9, temperature=2.0),
+                               rtol=1e-6)
+    assert qat.use_teacher_cache(cfg, jax.ShapeDtypeStruct((1, 5, V), jnp.float32), 64)  # auto: small pool
+    big = jax.ShapeDtypeStruct((1, 680, 4096), jnp.float32)
+    assert not qat.use_teacher_cache(cfg, big, 256)  # 256 x 680 x 4096 x 5 bytes > 1 GiB
+
+
+def test_teacher_cache_must_be_auto_or_a_bool():
+    with pytest.raises(ValueError, match="teacher_cache='yes' must be 'auto', True or False"):
+        run_method(_model(), RULES, "qat:mse", materialize="packed", params=dict(FAST, teacher_cache="yes"),
+                   data=_data())

@@ -61,3 +61,23 @@ def test_mx_scale_is_ocp_shared_exponent():
     qa = quantize(x, spec)
     assert int(qa.scale[0, 0]) == 127
     assert float(dequantize(qa)[0, 0]) == 4.0  # 5 rounds to the E2M1 grid value 4 (ties to even at 5)
+
+
+def test_bit_level_scale_helpers_equal_frexp_and_nextafter():
+    """`_ceil_log2` / `_floor_log2` / `_round_up_to` read float bits; they must equal the frexp / nextafter
+    definitions on every positive normal float32 they may see (a random sample of 2^20 bit patterns)."""
+    from bitlaws.quant import calibrate as c  # pylint: disable=g-import-not-at-top
+
+    bits = np.random.default_rng(0).integers(0x00800000, 0x7F800000, size=1 << 20, dtype=np.int64).astype(np.int32)
+    x = jnp.asarray(np.concatenate([bits.view(np.float32),
+                                    np.float32([2.0**-126, 0.5, 1.0, 3.0, np.finfo(np.float32).max])]))
+    mantissa, exponent = jnp.frexp(x)
+    np.testing.assert_array_equal(c._ceil_log2(x), jnp.where(mantissa == 0.5, exponent - 1, exponent))
+    np.testing.assert_array_equal(c._floor_log2(x), exponent - 1)
+    for dtype, lo, hi in ((jnp.float16, 2.0**-14, 2.0**15), (jnp.bfloat16, 2.0**-126, 3.0e38)):
+        y = x[(x >= lo) & (x <= hi)]
+        stored = y.astype(dtype)
+        want = jnp.where(stored.astype(jnp.float32) < y, jnp.nextafter(stored, jnp.asarray(jnp.inf, dtype)), stored)
+        np.testing.assert_array_equal(c._round_up_to(y, dtype), want.astype(jnp.float32))
+    e = jnp.arange(-300, 301, dtype=jnp.int32)
+    np.testing.assert_array_equal(e >> 1, e // 2)  # `_shift` splits exponents with an arithmetic shift

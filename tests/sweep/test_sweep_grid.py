@@ -84,6 +84,8 @@ def test_quant_rules_per_family():
     assert rule.weight.format == IntFormat(4) and rule.weight.granularity == "channel"
     assert rule.weight.calibrator == "minmax"
     assert rule.act.format == IntFormat(8) and rule.act.granularity == "token" and not rule.act.static
+    # dynamic activation scales are computed at run time, never stored: float32 (weights keep float16 storage)
+    assert rule.act.scale_dtype == "float32" and rule.weight.scale_dtype == "float16"
     (rule,) = settings.quant_rules("W4A8", "fp", ".*", weight_group_size=32)
     assert rule.weight.format.name == "fp4_e2m1" and rule.weight.group_size == 32
     assert rule.act.format.name == "fp8_e4m3"
