@@ -60,6 +60,7 @@ def make_evaluator(config: ml_collections.ConfigDict):
     samples_per_class = int(config.demo.get("grid_per_class", DEFAULT_GRID_PER_CLASS))
     out_dir = pathlib.Path(config.out_dir) if config.get("out_dir", None) else None
     options = settings.quant_options(config)
+    backend = settings.backend_for(config)
     load = functools.lru_cache(maxsize=None)(family.load_member)
     calibration_options = config.demo.get("calibration", None)
     if hasattr(calibration_options, "to_dict"):
@@ -92,7 +93,7 @@ def make_evaluator(config: ml_collections.ConfigDict):
         quantized = settings.quantize_for_cell(
             member.model, rules, cell.method,
             settings.MethodContext(params=cell.params, calibrate=calibrate, data=data, seed=cell.prng_seed,
-                                   materialize=materialize))
+                                   materialize=materialize, backend=backend))
         labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), n_per_class)
         images = np.clip(np.asarray(member.sample(quantized, labels, jax.random.key(cell.model_seed))), -1.0, 1.0)
         scores = metric.evaluate_samples(images, labels, reference_split=reference_split)
@@ -103,6 +104,8 @@ def make_evaluator(config: ml_collections.ConfigDict):
                       metric_name=METRIC_NAME, family=member.family, n_params=int(report.total_params),
                       mt_bits=int(report.mt_bits), ct_bits=int(report.ct_bits),
                       storage_bytes=int(storage), materialize=materialize if rules else "float")
+        if rules and materialize == "packed":
+            record["backend"] = backend
         if data is not None:
             record["calibration"] = dict(data.description)
         if out_dir is not None and samples_per_class > 0:

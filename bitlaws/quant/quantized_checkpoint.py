@@ -147,16 +147,17 @@ def _optional_spec(data, table):
 
 
 def rules_to_json(rules: Sequence[QuantRule]) -> list[dict[str, Any]]:
-    """``[{"module_path", "weight": SPEC | None, "act": SPEC | None}, ...]``."""
+    """``[{"module_path", "weight": SPEC | None, "act": SPEC | None[, "backend": NAME]}, ...]``."""
     return [{"module_path": r.module_path, "weight": None if r.weight is None else spec_to_json(r.weight),
-             "act": None if r.act is None else spec_to_json(r.act)} for r in rules]
+             "act": None if r.act is None else spec_to_json(r.act),
+             **({"backend": r.backend} if r.backend is not None else {})} for r in rules]
 
 
 def rules_from_json(data: Sequence[Mapping[str, Any]],
                     formats_table: Optional[Mapping[str, Any]] = None) -> list[QuantRule]:
     """Inverse of `rules_to_json`."""
     return [QuantRule(module_path=r["module_path"], weight=_optional_spec(r.get("weight"), formats_table),
-                      act=_optional_spec(r.get("act"), formats_table)) for r in data]
+                      act=_optional_spec(r.get("act"), formats_table), backend=r.get("backend")) for r in data]
 
 
 def formats_table(specs: Sequence[Optional[QuantSpec]]) -> dict[str, Any]:

@@ -11,25 +11,26 @@ mode           behaviour
 ``fake``       simulated quantization with straight-through gradients (QAT): weights and
                activations are quantize-dequantized in float, so there is **no speed-up**
 ``packed``     weights are a `PackedArray` (real low-bit storage: a `QArray`, or GPTVQ's `VQArray`);
-               a matmul *backend* computes with it. ``xla`` dequantizes then dots (memory saving,
-               no speed-up); issue [7/8] registers a ``pallas`` backend with real low-bit kernels.
-               Activations are still fake-quantized.
+               a matmul *backend* computes with it (`bitlaws.quant.backends`): ``xla`` dequantizes
+               then dots (memory saving, no speed-up); ``pallas`` (`pallas_kernels`) runs real low-bit
+               kernels. Backends that quantize activations themselves receive the unquantized input
+               and the activation spec; for the others the seam fake-quantizes it first.
 =============  ================================================================================
 
 Packed weights are used only through the `PackedArray` interface (``w.dequantize(dtype)``), so every
-storage type runs through the same code; a backend with kernels for one storage type should refuse others
-by name.
+storage type runs through the same code; a backend with kernels for some storage types handles the others by
+a documented fallback or refuses them by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from bitlaws.quant import calibrate, formats, qarray
+from bitlaws.quant import backends, calibrate, formats, qarray
 from bitlaws.quant.qarray import PackedArray
 from bitlaws.quant.spec import QuantSpec
 
@@ -216,36 +217,33 @@ def quantize_activation(x: jax.Array, quant: LayerQuant, act_params: Optional[Ac
 
 
 # ----------------------------------------------------------------------------------------------------
-# Matmul backends for `packed` mode.
-MatmulBackend = Callable[[jax.Array, PackedArray], jax.Array]
-_BACKENDS: dict[str, MatmulBackend] = {}
+# Packed mode: the matmul backends live in `bitlaws.quant.backends` (re-exported here).
+register_backend = backends.register_backend
+get_backend = backends.get_backend
+xla_dequant_matmul = backends.xla_matmul
 
 
-def register_backend(name: str, fn: Optional[MatmulBackend] = None):
-    """Registers ``fn(x [M, K], w: PackedArray of a [K, N] kernel) -> [M, N]`` as a packed-mode backend."""
+def _packed_call(x: jax.Array, quant: LayerQuant, act_params: Optional[ActQParams], backend: Optional[str],
+                 patches: bool = False):
+    """``(backend, x, act operand)`` of a packed call: ``x`` fake-quantized here unless the backend does it.
 
-    def wrap(f: MatmulBackend) -> MatmulBackend:
-        _BACKENDS[name] = f
-        return f
-
-    return wrap(fn) if fn is not None else wrap
-
-
-def get_backend(name: str) -> MatmulBackend:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown matmul backend {name!r}; registered: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]
-
-
-@register_backend("xla")
-def xla_dequant_matmul(x: jax.Array, w: PackedArray) -> jax.Array:
-    """Reference backend for every storage type: dequantize the weight to x's dtype, then one XLA dot."""
-    return jnp.dot(x, w.dequantize(x.dtype))
+    `patches`: a convolution that will run as patches x matmul. Its activation scales belong to pixels (the
+    rows of ``x``), not to patch rows, so the seam quantizes ``x`` before the patches are cut.
+    """
+    chosen = get_backend(backend or quant.backend)
+    act_spec = quant.act if quant.quantizes_acts else None
+    if act_spec is not None and act_spec.static and act_params is None:
+        raise ValueError("static activation quantization but the layer has no calibrated parameters; "
+                         "pass calib_stats to quantize_model")
+    if chosen.quantizes_activations and not patches:
+        return chosen, x, backends.ActOperand(spec=act_spec, params=act_params, quantized=False)
+    return chosen, quantize_activation(x, quant, act_params), backends.ActOperand(
+        spec=act_spec, params=act_params, quantized=act_spec is not None)
 
 
 def qdot(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant = FP, *,
          bias: Optional[jax.Array] = None, act_params: Optional[ActQParams] = None,
-         input_scale: Optional[jax.Array] = None) -> jax.Array:
+         input_scale: Optional[jax.Array] = None, backend: Optional[str] = None) -> jax.Array:
     """``x @ kernel (+ bias)`` through the quantization seam.
 
     Args:
@@ -256,18 +254,20 @@ def qdot(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant 
         act_params: Calibrated parameters for static activation quantization.
         input_scale: Optional ``[K]`` per-input-channel divisor applied to x first (smoothing methods
             fold the inverse into the kernel).
+        backend: Packed-mode backend for this call (default: ``quant.backend``).
 
     Returns:
         ``[..., N]``.
     """
     if input_scale is not None:
         x = x / input_scale.astype(x.dtype)
-    x = quantize_activation(x, quant, act_params)
     if isinstance(kernel, PackedArray):
+        chosen, x, act = _packed_call(x, quant, act_params, backend)
         lead = x.shape[:-1]
-        y = get_backend(quant.backend)(x.reshape(-1, x.shape[-1]), kernel)
+        y = chosen.matmul(x.reshape(-1, x.shape[-1]), kernel, act)
         y = y.reshape(*lead, y.shape[-1])
     else:
+        x = quantize_activation(x, quant, act_params)
         if quant.quantizes_weights:
             kernel = qarray.fake_quant(kernel, quant.weight)
         y = jnp.dot(x, kernel.astype(x.dtype))
@@ -276,14 +276,14 @@ def qdot(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant 
     return y
 
 
-ConvPadding = Union[str, Sequence[tuple[int, int]]]
+ConvPadding = backends.ConvPadding
 
 
 def qconv(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant = FP, *,
           strides: Sequence[int] = (1, 1), padding: ConvPadding = "SAME",
           dilation: Sequence[int] = (1, 1), feature_group_count: int = 1,
           bias: Optional[jax.Array] = None, act_params: Optional[ActQParams] = None,
-          input_scale: Optional[jax.Array] = None) -> jax.Array:
+          input_scale: Optional[jax.Array] = None, backend: Optional[str] = None) -> jax.Array:
     """2-D convolution (NHWC input, HWIO kernel) through the quantization seam.
 
     Args:
@@ -295,16 +295,26 @@ def qconv(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant
         bias: Optional ``[O]``.
         act_params: Calibrated parameters for static activation quantization.
         input_scale: Optional ``[C]`` per-input-channel divisor.
+        backend: Packed-mode backend for this call (default: ``quant.backend``); its ``conv``, or patches
+            through its ``matmul`` (`bitlaws.quant.backends`).
 
     Returns:
         ``[B, H', W', O]``.
     """
     if input_scale is not None:
         x = x / input_scale.astype(x.dtype)
-    x = quantize_activation(x, quant, act_params)
     if isinstance(kernel, PackedArray):
-        kernel = kernel.dequantize(x.dtype)
-    elif quant.quantizes_weights:
+        chosen = get_backend(backend or quant.backend)
+        chosen, x, act = _packed_call(x, quant, act_params, backend, patches=chosen.conv is None)
+        geometry = dict(strides=tuple(strides), padding=padding, dilation=tuple(dilation),
+                        feature_group_count=feature_group_count)
+        if chosen.conv is not None:
+            y = chosen.conv(x, kernel, act, **geometry)
+        else:
+            y = backends.conv_via_matmul(chosen, x, kernel, act, **geometry)
+        return y if bias is None else y + bias.astype(y.dtype)
+    x = quantize_activation(x, quant, act_params)
+    if quant.quantizes_weights:
         kernel = qarray.fake_quant(kernel, quant.weight)
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=tuple(strides), padding=padding,

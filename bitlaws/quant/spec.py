@@ -137,13 +137,18 @@ class QuantRule:
         weight: Spec for the layer's kernel, or None to keep it in floating point.
         act: Spec for the layer's input activations, or None to keep them in floating point. Its
             granularity must be ``tensor``, ``token`` or ``group``; ``static=True`` uses calibrated scales.
+        backend: Matmul backend of the matched layers in ``packed`` mode (`bitlaws.quant.backends`), or None
+            for the one the model is materialized with (``apply_method(..., backend=...)``).
     """
 
     module_path: str
     weight: Optional[QuantSpec] = None
     act: Optional[QuantSpec] = None
+    backend: Optional[str] = None
 
     def __post_init__(self):
+        if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
+            raise ValueError(f"QuantRule.backend must be None or a backend name, got {self.backend!r}")
         try:
             re.compile(self.module_path)
         except re.error as e:

@@ -266,7 +266,8 @@ def run_method(model: nnx.Module, rules: Sequence[QuantRule], method: str = "rtn
         calibrate = methods.cached_calibration(methods.calibrate_on(data))
     quant_method = methods.get_method(method)
     resolved = quant_method.resolve_params(params)
-    seam.get_backend(backend)
+    for name in {backend, *(r.backend for r in rules if r.backend is not None)}:
+        seam.get_backend(name)  # unknown names fail here, before any work
     matched = match_rules(model, rules)
     if warn_unused:
         _report_unused(matched.unused_rules)
@@ -366,7 +367,7 @@ def materialize_result(model: nnx.Module, assignments: Mapping[str, QuantRule], 
         result: The method's result (an empty `MethodResult` gives plain ``fake`` layers: what QAT trains).
         how: ``packed``, ``baked`` or ``fake`` (`bitlaws.quant.methods.MATERIALIZE`).
         stats: Calibration statistics of the layers with static activation specs.
-        backend: Matmul backend of ``packed`` layers.
+        backend: Matmul backend of ``packed`` layers whose rule names none (`QuantRule.backend`).
     """
     if how not in methods.MATERIALIZE:
         raise ValueError(f"materialize must be one of {methods.MATERIALIZE}, got {how!r}")
@@ -391,18 +392,19 @@ def materialize_result(model: nnx.Module, assignments: Mapping[str, QuantRule], 
             learned = result.act_params.get(path)
             layer.act_qparams = ActQParamsVar(learned if learned is not None else seam.static_act_params(stats[path],
                                                                                                         act))
-        act_only = seam.FP if act is None else LayerQuant(mode="fake", act=act, backend=backend)
+        layer_backend = rule.backend or backend
+        act_only = seam.FP if act is None else LayerQuant(mode="fake", act=act, backend=layer_backend)
         if rule.weight is None:
             layer.quant = act_only
         elif how == "packed":
             layer.qkernel = QWeight(result.weights[path])
             layer.kernel = None
-            layer.quant = LayerQuant(mode="packed", weight=rule.weight, act=act, backend=backend)
+            layer.quant = LayerQuant(mode="packed", weight=rule.weight, act=act, backend=layer_backend)
         elif how == "baked":
             layer.kernel.set_value(result.weights[path].dequantize(layer.kernel.get_value().dtype))
             layer.quant = act_only
         else:
-            layer.quant = LayerQuant(mode="fake", weight=rule.weight, act=act, backend=backend)
+            layer.quant = LayerQuant(mode="fake", weight=rule.weight, act=act, backend=layer_backend)
     return new_model
 
 

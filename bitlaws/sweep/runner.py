@@ -143,7 +143,7 @@ def check_quant_block(config: ml_collections.ConfigDict) -> None:
 
     Raises:
         ValueError: ``quant.weight_group_size`` is not None, 0 (one scale per output channel) or a positive
-            integer; ``quant.weight_calibrator`` is not a string.
+            integer; ``quant.weight_calibrator`` is not a string; ``quant.backend`` is not a known backend.
     """
     block = config.get("quant", None)
     if not block:
@@ -156,6 +156,7 @@ def check_quant_block(config: ml_collections.ConfigDict) -> None:
     if calibrator is not None and not isinstance(calibrator, str):
         raise ValueError(f"config field quant.weight_calibrator must be a calibrator name, got {calibrator!r}")
     settings.materialize_for(config, "W16A16")  # quant.materialize and quant.packed_settings are valid
+    settings.backend_for(config)  # quant.backend names a backend
 
 
 def _finished_keys_read_only(path: pathlib.Path) -> set[str]:

@@ -180,6 +180,7 @@ class MethodContext:
         seed: The cell's PRNG seed (`Cell.prng_seed`).
         materialize: ``baked`` (default: quantized values in float, one compilation for every weight-only
             setting), ``packed`` (real `QArray` storage) or ``fake`` (see `bitlaws.quant.methods`).
+        backend: Matmul backend of packed layers (``config.quant.backend``, `backend_for`).
     """
 
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -187,6 +188,7 @@ class MethodContext:
     data: Optional[methods.CalibrationData] = None
     seed: int = 0
     materialize: str = "baked"
+    backend: str = "xla"
 
 
 def import_modules(config) -> None:
@@ -234,7 +236,7 @@ def quantize_for_cell(model: nnx.Module, rules: Sequence[QuantRule], method: str
     context = context or MethodContext()
     return transform.apply_method(model, rules, method, materialize=context.materialize, params=context.params,
                                   calibrate=context.calibrate, data=context.data, seed=context.seed,
-                                  warn_unused=False)
+                                  backend=context.backend, warn_unused=False)
 
 
 def quant_options(config) -> dict[str, Any]:
@@ -253,6 +255,21 @@ def quant_options(config) -> dict[str, Any]:
     if calibrator:
         options["weight_calibrator"] = str(calibrator)
     return options
+
+
+def backend_for(config) -> str:
+    """The matmul backend of a sweep's packed cells: ``config.quant.backend`` (default ``xla``; ``pallas`` runs
+    the `pallas_kernels` on a GPU).
+
+    Raises:
+        ValueError: an unknown backend name (the message lists the known ones).
+    """
+    block = config.get("quant", None) if hasattr(config, "get") else None
+    name = str((block or {}).get("backend", None) or "xla")
+    from bitlaws.quant import backends  # pylint: disable=g-import-not-at-top
+
+    backends.get_backend(name)
+    return name
 
 
 def materialize_for(config, setting: str) -> str:
