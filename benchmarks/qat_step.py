@@ -28,6 +28,7 @@ Usage::
     python benchmarks/qat_step.py --release-batch 2   # a 24 GiB CPU host: batch 8 needs a 25.7 GB XLA buffer
     python benchmarks/qat_step.py --quick         # var-d1 and a tiny random VAR, a few seconds of steps
     python benchmarks/qat_step.py --only demo --demo-steps 50
+    python benchmarks/qat_step.py --only release --remat   # VAR-d16 batch 8 with block rematerialization
 """
 
 from __future__ import annotations
@@ -100,12 +101,16 @@ def release_quantizer(vq_ctor: dict, seed: int) -> VectorQuantizer2:
         rngs=nnx.Rngs(0)), seed=seed)
 
 
+REMAT = {"on": False}  # --remat: recompute each block in the backward pass (qat's ``remat``)
+
+
 def measure(name: str, model: VAR, quantizer: nnx.Module, batch: int, k: int, steps: int) -> dict:
     """Runs ``qat:topkld`` for ``2 + steps`` steps and splits its time into compile, steps and setup."""
     labels, inputs = token_map_batch(model, quantizer, batch, seed=0)
     data = CalibrationData(nnx.jit(_logits), [(labels, inputs)], {"source": "random token maps"}, apply=_logits)
     rules = settings.quant_rules(SETTING, FORMAT, var_family.QUANT_PATTERN)
-    params = {"steps": 2 + steps, "batch_size": batch, "k": k, "log_every": 1, "lr": 1e-5, "warmup_steps": 1}
+    params = {"steps": 2 + steps, "batch_size": batch, "k": k, "log_every": 1, "lr": 1e-5, "warmup_steps": 1,
+              "remat": REMAT["on"]}
     began = time.perf_counter()
     with recorded_training() as results:
         run = run_method(model, rules, "qat:topkld", materialize="fake", params=params, data=data)
@@ -162,7 +167,9 @@ def main() -> None:
     parser.add_argument("--release-steps", type=int, default=3, help="timed steps of VAR-d16 after the first")
     parser.add_argument("--demo-batch", type=int, default=16)
     parser.add_argument("--release-batch", type=int, default=8)
+    parser.add_argument("--remat", action="store_true", help="qat remat=True: recompute blocks in the backward pass")
     args = parser.parse_args()
+    REMAT["on"] = args.remat
     load = os.getloadavg()
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  host {platform.node()} "
           f"({platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}, devices {jax.devices()}, "

@@ -274,6 +274,17 @@ class AdaLNBeforeHead(nnx.Module):
         return layer_norm(x, self.norm_eps) * (scale + 1) + shift
 
 
+def _rematerialized(block: nnx.Module, x: jax.Array, cond: jax.Array, attn_bias, key) -> jax.Array:
+    """``block(x, cond)[0]`` under `jax.checkpoint`: the backward pass recomputes the block's activations."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, cond):
+        out, _ = nnx.merge(graphdef, state)(x, cond, attn_bias=attn_bias, key=key)
+        return out
+
+    return jax.checkpoint(run)(state, x, cond)
+
+
 class VAR(nnx.Module):
     """The VAR transformer (upstream constructor arguments).
 
@@ -320,6 +331,10 @@ class VAR(nnx.Module):
         self.shared_aln = shared_aln
         self.cond_drop_rate = cond_drop_rate
         self.patch_nums = tuple(int(p) for p in patch_nums)
+        # Training memory: recompute each block in the backward pass instead of keeping its activations (the
+        # attention matrices alone are [B, H, L, L] per block). Off by default; QAT turns it on (``remat=True``).
+        # The blocks must not mutate state under it (training and fake modes do not; calibration does).
+        self.remat_blocks = False
         self.seq_len = sum(pn * pn for pn in self.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
 
@@ -414,7 +429,10 @@ class VAR(nnx.Module):
         _, attn_bias = scale_layout(self.patch_nums)
         cond = self.block_condition(cond_BD)
         for block, block_key in zip(self.blocks, block_keys):
-            x, _ = block(x, cond, attn_bias=attn_bias, key=block_key)
+            if self.remat_blocks:
+                x = _rematerialized(block, x, cond, attn_bias, block_key)
+            else:
+                x, _ = block(x, cond, attn_bias=attn_bias, key=block_key)
         return self.get_logits(x, cond_BD)
 
     def forward_cached(self, x_BlC: jax.Array, cond_BD: jax.Array,

@@ -56,6 +56,9 @@ Hyper-parameters (``DEFAULTS``; errors name the parameter):
                    a teacher forward in every step. ``auto`` caches when they take at most 1 GiB. Cached, the
                    step selects the loss by a traced index, so every loss of a model and setting compiles to
                    one program (a sweep's persistent compilation cache then compiles it once)
+``remat``          recompute each transformer block in the backward pass (False; models with a
+                   ``remat_blocks`` attribute, e.g. VAR): the step's memory drops to about one block's
+                   activations, at the price of a second forward pass through the blocks
 =================  ==========================================================================================
 
 ``info["qat"]`` of the result records the loss at the first and last logged steps, steps, wall time and
@@ -92,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "steps": 200, "batch_size": 16, "lr": 1e-4, "warmup_steps": 10, "final_lr_fraction": 0.1,
     "weight_decay": 0.0, "grad_clip": 1.0, "temperature": 1.0, "train": "all", "lsq": False, "lr_lsq": 1e-3,
     "lsq_init": 4.0, "mesh_data": -1, "mesh_params": 1, "out_dir": None, "log_every": 10, "teacher_cache": "auto",
+    "remat": False,
 }
 TEACHER_CACHE_AUTO_BYTES = 1 << 30  # "auto" caches the teacher when its outputs (+ top-K masks) fit in 1 GiB
 
@@ -118,6 +122,7 @@ class QatConfig:
     out_dir: Optional[str]
     log_every: int
     teacher_cache: Any = "auto"
+    remat: bool = False
     k: Optional[int] = None
     form: str = "divergence"
 
@@ -145,6 +150,8 @@ class QatConfig:
             raise bad("lsq", "True or False")
         if not (isinstance(params["teacher_cache"], bool) or params["teacher_cache"] == "auto"):
             raise bad("teacher_cache", "'auto', True or False")
+        if not isinstance(params["remat"], bool):
+            raise bad("remat", "True or False")
         k = params.get("k")
         if k is not None:
             k = integer("k", 0)
@@ -166,7 +173,7 @@ class QatConfig:
                    temperature=number("temperature", 0.0, True), train=params["train"], lsq=params["lsq"],
                    lr_lsq=number("lr_lsq", 0.0, True), lsq_init=float(params["lsq_init"]), mesh_data=mesh_data,
                    mesh_params=integer("mesh_params", 1), out_dir=out_dir, log_every=integer("log_every", 1),
-                   teacher_cache=params["teacher_cache"], k=k, form=form)
+                   teacher_cache=params["teacher_cache"], remat=params["remat"], k=k, form=form)
 
     def train_config(self, seed: int) -> "trainlib.TrainConfig":
         return trainlib.TrainConfig(
@@ -300,6 +307,21 @@ def student_model(problem: MethodProblem, lsq: bool) -> nnx.Module:
     return student
 
 
+def use_remat(student: nnx.Module, loss: str) -> None:
+    """Turns on block rematerialization in every sub-module that offers it (a ``remat_blocks`` attribute, e.g.
+    `bitlaws.models.var.VAR`): the step then keeps one block's activations at a time, not all of them.
+
+    Raises:
+        ValueError: the model has no such module.
+    """
+    found = [module for _, module in nnx.iter_modules(student) if hasattr(module, "remat_blocks")]
+    if not found:
+        raise ValueError(f"qat:{loss}: remat=True, but no module of the model offers block rematerialization "
+                         f"(a `remat_blocks` attribute, as bitlaws.models.var.VAR has)")
+    for module in found:
+        module.remat_blocks = True
+
+
 def _trainable_filter(cfg: QatConfig, kernel_paths: set[str]):
     if cfg.train == "all":
         return nnx.Param
@@ -324,6 +346,8 @@ def qat(problem: MethodProblem, loss: str) -> MethodResult:
     kernel_paths = {f"{t.path}.kernel" for t in weighted}
 
     student = student_model(problem, cfg.lsq)
+    if cfg.remat:
+        use_remat(student, loss)
     graphdef, params, rest = nnx.split(student, _trainable_filter(cfg, kernel_paths), ...)
     params = jax.tree.map(jnp.copy, params)  # the trainer donates its state; the teacher keeps the originals
     teacher_def, teacher_state = nnx.split(problem.model)
