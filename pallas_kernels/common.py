@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
 from bitlaws.quant.qarray import QArray
-
-GPU_PLATFORMS = ("cuda",)  # Triton lowering; ROCm is untested
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
@@ -47,6 +44,16 @@ class BlockConfig:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def largest_block(size: int, cap: int, floor: int = 16) -> Optional[int]:
+    """The largest power of two in [floor, cap] dividing `size`, or None (then the caller pads)."""
+    block = cap
+    while block >= floor:
+        if size % block == 0:
+            return block
+        block //= 2
+    return None
 
 
 def pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:

@@ -79,16 +79,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, decode: Decode, bits: int, packed: bool,
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _largest_block(size: int, cap: int, floor: int) -> Optional[int]:
-    """The largest power of two in [floor, cap] dividing `size`, or None."""
-    block = cap
-    while block >= floor:
-        if size % block == 0:
-            return block
-        block //= 2
-    return None
-
-
 def block_k_floor(bits: int, packed: bool) -> int:
     """The smallest K step: 16 rows per strided dot, times the values per unit (rounded to a power of two)."""
     per, _ = unit(bits, packed)
@@ -119,8 +109,8 @@ def call(x: jax.Array, w: QArray, *, decode: Decode, bits: int, packed: bool, gr
     floor = block_k_floor(bits, packed)
     cap_k = min(config.block_k, group_size) if group_size else config.block_k
     cap_k = max(cap_k, floor)
-    block_k = _largest_block(k, cap_k, floor) or cap_k
-    block_n = _largest_block(n, config.block_n, 16) or config.block_n
+    block_k = common.largest_block(k, cap_k, floor) or cap_k
+    block_n = common.largest_block(n, config.block_n) or config.block_n
     block_m = config.for_m(m).block_m
     k_pad, n_pad = common.round_up(k, block_k), common.round_up(n, block_n)
     values = w.values.reshape(w.values.shape[0], -1)  # [K * ub / per, N] stored rows (K padded to whole units)

@@ -78,8 +78,8 @@ def w8a8_matmul_kernel(codes: jax.Array, row_scale: jax.Array, w: QArray, *, out
     m, k = codes.shape
     _, n = common.kernel_view_shape(w)
     cfg = config.for_m(m)
-    block_k = _largest_block(k, cfg.block_k) or cfg.block_k
-    block_n = _largest_block(n, cfg.block_n) or cfg.block_n
+    block_k = common.largest_block(k, cfg.block_k) or cfg.block_k
+    block_n = common.largest_block(n, cfg.block_n) or cfg.block_n
     x = common.pad_axis(common.pad_axis(codes, 1, block_k), 0, cfg.block_m)  # [Mp, Kp] int8 (zeros)
     sx = common.pad_axis(row_scale.astype(jnp.float32), 0, cfg.block_m)  # [Mp, 1]
     wq = common.pad_axis(common.pad_axis(w.values.reshape(k, n), 0, block_k), 1, block_n)  # [Kp, Np] int8
@@ -96,15 +96,6 @@ def w8a8_matmul_kernel(codes: jax.Array, row_scale: jax.Array, w: QArray, *, out
         out_specs=pl.BlockSpec((cfg.block_m, block_n), lambda i, j: (i, j)),
         compiler_params=cfg.compiler_params(), interpret=interpret, name="w8a8_matmul")(x, wq, sx, sw)
     return out[:m, :n]
-
-
-def _largest_block(size: int, cap: int) -> Optional[int]:
-    block = cap
-    while block >= 16:
-        if size % block == 0:
-            return block
-        block //= 2
-    return None
 
 
 def w8a8_matmul(x: jax.Array, w: QArray, act_spec: QuantSpec, act_params=None, *,

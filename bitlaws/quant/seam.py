@@ -223,21 +223,20 @@ get_backend = backends.get_backend
 xla_dequant_matmul = backends.xla_matmul
 
 
-def _packed_call(x: jax.Array, quant: LayerQuant, act_params: Optional[ActQParams], backend: Optional[str],
+def _packed_call(x: jax.Array, quant: LayerQuant, act_params: Optional[ActQParams], chosen: backends.Backend,
                  patches: bool = False):
-    """``(backend, x, act operand)`` of a packed call: ``x`` fake-quantized here unless the backend does it.
+    """``(x, act operand)`` of a packed call through `chosen`: ``x`` fake-quantized here unless the backend does it.
 
     `patches`: a convolution that will run as patches x matmul. Its activation scales belong to pixels (the
     rows of ``x``), not to patch rows, so the seam quantizes ``x`` before the patches are cut.
     """
-    chosen = get_backend(backend or quant.backend)
     act_spec = quant.act if quant.quantizes_acts else None
     if act_spec is not None and act_spec.static and act_params is None:
         raise ValueError("static activation quantization but the layer has no calibrated parameters; "
                          "pass calib_stats to quantize_model")
     if chosen.quantizes_activations and not patches:
-        return chosen, x, backends.ActOperand(spec=act_spec, params=act_params, quantized=False)
-    return chosen, quantize_activation(x, quant, act_params), backends.ActOperand(
+        return x, backends.ActOperand(spec=act_spec, params=act_params, quantized=False)
+    return quantize_activation(x, quant, act_params), backends.ActOperand(
         spec=act_spec, params=act_params, quantized=act_spec is not None)
 
 
@@ -262,7 +261,8 @@ def qdot(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant 
     if input_scale is not None:
         x = x / input_scale.astype(x.dtype)
     if isinstance(kernel, PackedArray):
-        chosen, x, act = _packed_call(x, quant, act_params, backend)
+        chosen = get_backend(backend or quant.backend)
+        x, act = _packed_call(x, quant, act_params, chosen)
         lead = x.shape[:-1]
         y = chosen.matmul(x.reshape(-1, x.shape[-1]), kernel, act)
         y = y.reshape(*lead, y.shape[-1])
@@ -305,7 +305,7 @@ def qconv(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant
         x = x / input_scale.astype(x.dtype)
     if isinstance(kernel, PackedArray):
         chosen = get_backend(backend or quant.backend)
-        chosen, x, act = _packed_call(x, quant, act_params, backend, patches=chosen.conv is None)
+        x, act = _packed_call(x, quant, act_params, chosen, patches=chosen.conv is None)
         geometry = dict(strides=tuple(strides), padding=padding, dilation=tuple(dilation),
                         feature_group_count=feature_group_count)
         if chosen.conv is not None:
