@@ -25,10 +25,11 @@ the method's wall time (student / teacher split, data pool, the final rounding o
 Usage::
 
     python benchmarks/qat_step.py                 # demo var-d4 (30 steps) and VAR-d16 (3 steps after compile)
-    python benchmarks/qat_step.py --release-batch 2   # a 24 GiB CPU host: batch 8 needs a 25.7 GB XLA buffer
+    python benchmarks/qat_step.py --release-batch 2   # without --remat batch 8 needs 25.7 GB of XLA temporaries
     python benchmarks/qat_step.py --quick         # var-d1 and a tiny random VAR, a few seconds of steps
     python benchmarks/qat_step.py --only demo --demo-steps 50
-    python benchmarks/qat_step.py --only release --remat   # VAR-d16 batch 8 with block rematerialization
+    python benchmarks/qat_step.py --only release --remat --release-steps 1   # VAR-d16 batch 8, blocks recomputed
+                                                  # in the backward pass: 3.4 GB of temporaries, fits 24 GiB
 """
 
 from __future__ import annotations

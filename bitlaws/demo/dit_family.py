@@ -44,6 +44,7 @@ from bitlaws.checkpoint import load_metadata, load_model, save_model
 from bitlaws.demo.data import load_digits
 from bitlaws.demo.family import calibration_digits, register_family, spread_labels
 from bitlaws.models.dit import DiT
+from bitlaws.sample import draws
 from bitlaws.sample.diffusion import GaussianDiffusion, MeanType, create_diffusion
 from bitlaws.train import STATE_DIR, TrainConfig, train_module
 
@@ -283,7 +284,7 @@ def _cfg_ddim(model: DiT, labels: np.ndarray, key: jax.Array, cfg_scale: float, 
     batch = labels.shape[0]
     shape = (batch, model.input_size, model.input_size, model.in_channels)
     noise_key, loop_key = jax.random.split(key)
-    noise = jax.random.normal(noise_key, shape, jnp.float32)
+    noise = draws.normal(noise_key, shape, jnp.float32)
     doubled_noise = jnp.concatenate([noise, noise], axis=0)  # [2B, H, W, C]
     doubled_labels = jnp.concatenate([labels, jnp.full((batch,), model.num_classes, jnp.int32)])  # [2B]
     out = diffusion.ddim_sample_loop(

@@ -151,17 +151,23 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, attn_bias: Optional[np.ndarray] = None,
                  cache: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cache_at: Optional[tuple[jax.Array, jax.Array]] = None,
                  key: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Attends the new tokens to the cached ones and themselves.
 
         Args:
             x: ``[B, l, C]`` float32 new tokens.
             attn_bias: ``[l, l_total]`` additive mask (0 / -inf), or None for full attention.
-            cache: ``(k, v)`` of earlier tokens, each ``[B, l_seen, H, hd]``, or None.
+            cache: ``(k, v)`` of earlier tokens, each ``[B, l_seen, H, hd]``, or None. With `cache_at`: fixed
+                buffers ``[B, capacity, H, hd]``.
+            cache_at: ``(offset, valid)`` int32 scalars (traced): write this call's k/v at row `offset` of the
+                fixed-capacity `cache` and attend to its first ``offset + valid`` rows only. Rows of `x` past
+                `valid` are padding (they are written too; later calls overwrite them, no query sees them).
             key: PRNG key enabling dropout (training), or None.
 
         Returns:
-            ``(out [B, l, C], (k, v) of all tokens seen so far, each [B, l_seen + l, H, hd])``.
+            ``(out [B, l, C], (k, v))``: all tokens seen so far, each ``[B, l_seen + l, H, hd]``, or the updated
+            fixed-capacity buffers with `cache_at`.
         """
         b, l, c = x.shape
         zero_k_bias = jnp.zeros_like(self.q_bias[...])
@@ -172,7 +178,14 @@ class SelfAttention(nnx.Module):
             scale_mul = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], MAX_SCALE_MUL))  # [1, H, 1, 1]
             q = l2_normalize(q) * scale_mul.reshape(1, 1, self.num_heads, 1)
             k = l2_normalize(k)
-        if cache is not None:
+        if cache_at is not None:
+            offset, valid = cache_at
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, offset, axis=1)  # [B, capacity, H, hd]
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, offset, axis=1)
+            visible = jnp.arange(k.shape[1]) < offset + valid  # [capacity]
+            mask = jnp.where(visible, jnp.float32(0.0), jnp.float32(-jnp.inf))[None, :]
+            attn_bias = mask if attn_bias is None else attn_bias + mask
+        elif cache is not None:
             k = jnp.concatenate([cache[0], k], axis=1)  # [B, l_seen + l, H, hd]
             v = jnp.concatenate([cache[1], v], axis=1)
         scores = jnp.einsum("blhd,bmhd->bhlm", q * self.softmax_scale, k)  # [B, H, l, l_total]
@@ -247,12 +260,13 @@ class AdaLNSelfAttn(nnx.Module):
 
     def __call__(self, x: jax.Array, cond: jax.Array, *, attn_bias: Optional[np.ndarray] = None,
                  cache: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cache_at: Optional[tuple[jax.Array, jax.Array]] = None,
                  key: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """``x [B, l, C]`` -> ``(x [B, l, C], (k, v))``; see `SelfAttention` for the cache and mask."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         attn_key, ffn_key, path1_key, path2_key = _split(key, 4)
         h = layer_norm(x, self.norm_eps) * (scale1 + 1) + shift1
-        h, kv = self.attn(h, attn_bias=attn_bias, cache=cache, key=attn_key)
+        h, kv = self.attn(h, attn_bias=attn_bias, cache=cache, cache_at=cache_at, key=attn_key)
         x = x + drop_path(h * gamma1, self.drop_path_rate, path1_key)
         h = layer_norm(x, self.norm_eps) * (scale2 + 1) + shift2
         x = x + drop_path(self.ffn(h, ffn_key) * gamma2, self.drop_path_rate, path2_key)
@@ -274,15 +288,49 @@ class AdaLNBeforeHead(nnx.Module):
         return layer_norm(x, self.norm_eps) * (scale + 1) + shift
 
 
+def _recomputed_in_backward(fn):
+    """`fn` (array pytrees in, array out) whose backward pass recomputes its forward pass from the saved inputs.
+
+    `jax.checkpoint`'s contract, kept on every backend: `jax.checkpoint` only guards its recomputation with
+    optimization barriers, which XLA:CPU removes before CSE, so there the recomputation merged with the forward
+    pass and every block's activations (the ``[B, H, L, L]`` attention matrices ...) stayed alive: no memory was
+    saved (VAR-d16 QAT at batch 8: 25.2 GB of temporaries with it, 25.7 GB without). Here the recomputation's inputs
+    depend on the cotangent (minus an exact +0 computed from one of its elements), so XLA can neither merge it
+    with the forward pass nor run it before the backward pass reaches the block. Values and gradients are those
+    of `fn` (``a - (+0) == a`` for every float, -0 and nan included). Reverse mode only (`jax.custom_vjp`).
+    """
+
+    @jax.custom_vjp
+    def recomputed(*args):
+        return fn(*args)
+
+    def forward(*args):
+        return fn(*args), args
+
+    def backward(args, cotangent):
+        leaf = jax.tree.leaves(cotangent)[0]
+        first = leaf[(0,) * leaf.ndim]  # one element (an index, not a reshape: no gather of a sharded array)
+        zero = (first != first).astype(jnp.float32) * 0.0  # +0.0 that XLA cannot constant-fold
+
+        def tied(a):
+            return a - zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a
+
+        _, pullback = jax.vjp(fn, *jax.tree.map(tied, args))
+        return pullback(cotangent)
+
+    recomputed.defvjp(forward, backward)
+    return recomputed
+
+
 def _rematerialized(block: nnx.Module, x: jax.Array, cond: jax.Array, attn_bias, key) -> jax.Array:
-    """``block(x, cond)[0]`` under `jax.checkpoint`: the backward pass recomputes the block's activations."""
+    """``block(x, cond)[0]`` whose backward pass recomputes the block's activations (`_recomputed_in_backward`)."""
     graphdef, state = nnx.split(block)
 
-    def run(state, x, cond):
+    def run(state, x, cond, key):
         out, _ = nnx.merge(graphdef, state)(x, cond, attn_bias=attn_bias, key=key)
         return out
 
-    return jax.checkpoint(run)(state, x, cond)
+    return _recomputed_in_backward(run)(state, x, cond, key)
 
 
 class VAR(nnx.Module):
@@ -435,14 +483,17 @@ class VAR(nnx.Module):
                 x, _ = block(x, cond, attn_bias=attn_bias, key=block_key)
         return self.get_logits(x, cond_BD)
 
-    def forward_cached(self, x_BlC: jax.Array, cond_BD: jax.Array,
-                       cache: Optional[KVCache] = None) -> tuple[jax.Array, KVCache]:
+    def forward_cached(self, x_BlC: jax.Array, cond_BD: jax.Array, cache: Optional[KVCache] = None,
+                       cache_at: Optional[tuple[jax.Array, jax.Array]] = None) -> tuple[jax.Array, KVCache]:
         """Runs the blocks on one scale's tokens with a KV cache (inference, no mask).
 
         Args:
             x_BlC: ``[B, l, C]`` the new scale's input tokens.
             cond_BD: ``[B, D]`` class embeddings.
-            cache: The cache returned for the previous scale, or None at the first scale.
+            cache: The cache returned for the previous scale, or None at the first scale; with `cache_at`,
+                fixed-capacity buffers (`empty_cache`).
+            cache_at: ``(offset, valid)``: see `SelfAttention` (one program then serves every scale whose
+                padded length is ``l``).
 
         Returns:
             ``(h [B, l, C] final hidden states, cache including these tokens)``; feed ``h`` to `get_logits`.
@@ -450,6 +501,39 @@ class VAR(nnx.Module):
         cond = self.block_condition(cond_BD)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x_BlC, kv = block(x_BlC, cond, cache=None if cache is None else cache[i])
+            x_BlC, kv = block(x_BlC, cond, cache=None if cache is None else cache[i], cache_at=cache_at)
             new_cache.append(kv)
         return x_BlC, tuple(new_cache)
+
+    def empty_cache(self, batch: int, capacity: int) -> KVCache:
+        """Zero fixed-capacity KV buffers for `forward_cached` with ``cache_at``: per block ``(k, v)``, each
+        ``[batch, capacity, H, head_dim]`` float32."""
+        cache = []
+        for block in self.blocks:
+            shape = (batch, capacity, block.attn.num_heads, block.attn.head_dim)
+            cache.append((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)))
+        return tuple(cache)
+
+    def padded_scale_tokens(self, f_BlCv: jax.Array, cond_BD: jax.Array, offset: jax.Array,
+                            valid: jax.Array) -> jax.Array:
+        """Input tokens of the scale starting at token `offset` (traced), padded by repeating its last token.
+
+        Args:
+            f_BlCv: ``[B, l, Cvae]`` the scale's downsampled tokenizer features, row-major, rows past `valid`
+                repeating the last one (ignored at scale 0).
+            cond_BD: ``[2B, D]`` class embeddings (cond half, then uncond half).
+            offset: int32 first token of the scale (0: the first scale, whose tokens are `start_tokens`).
+            valid: int32 number of real tokens (``pn**2``), ``1 <= valid <= l``.
+
+        Returns:
+            ``[2B, l, C]``: `start_tokens` or ``word_embed(f) + lvl/pos`` for rows ``< valid``; every later
+            row equals row ``valid - 1`` exactly (so per-tensor max/min activation scales are unchanged).
+        """
+        b, l, _ = f_BlCv.shape
+        rows = jnp.minimum(jnp.arange(l), valid - 1)  # [l]: padding repeats the last real row
+        lvl_pos = jnp.take(self.lvl_pos()[0], offset + rows, axis=0)[None]  # [1, l, C]
+        start = cond_BD[:, None, :] + jnp.take(self.pos_start[...][0], jnp.minimum(rows, self.first_l - 1),
+                                               axis=0)[None]  # [2B, l, C]
+        embedded = self.word_embed(f_BlCv)  # [B, l, C]
+        later = jnp.concatenate([embedded, embedded], axis=0) + lvl_pos  # [2B, l, C]
+        return jnp.where(offset == 0, start + lvl_pos, later)

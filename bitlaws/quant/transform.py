@@ -123,6 +123,12 @@ def check_rules(model: nnx.Module, rules: Sequence[QuantRule]) -> None:
                          f"- use a group size that divides K, or a module_path that leaves these layers out")
 
 
+@jax.jit
+def _non_finite_count(x: jax.Array) -> jax.Array:
+    """Number of NaN / infinite values of `x` (one compiled program per shape, not one per eager op)."""
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
 def _check_finite_kernels(model: nnx.Module, rules: Sequence[QuantRule]) -> None:
     """Raises one ValueError naming every matched layer whose float kernel holds NaN or infinity."""
     layers = dict(quant_layers(model))
@@ -134,7 +140,7 @@ def _check_finite_kernels(model: nnx.Module, rules: Sequence[QuantRule]) -> None
         kernel = layer.kernel[...]
         if isinstance(kernel, jax.core.Tracer) or not hasattr(kernel, "dtype"):
             continue  # abstract or traced: nothing to look at
-        count = int(kernel.size - jnp.count_nonzero(jnp.isfinite(kernel)))
+        count = int(_non_finite_count(kernel))
         if count:
             bad.append(f"{path} ({count} of {kernel.size} values)")
     if bad:

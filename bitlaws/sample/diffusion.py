@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.sample import draws
+
 ModelFn = Callable[..., jax.Array]
 
 _MAX_COMPILED_LOOPS = 8  # jitted loops kept per process (each holds a reference to its model_fn)
@@ -282,7 +284,7 @@ class GaussianDiffusion:
 
                 def body(x, index):
                     t = jnp.full((x.shape[0],), index, dtype=jnp.int32)
-                    noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
+                    noise = draws.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
                     if kind == "ddim":
                         out = self.ddim_sample(call_model, x, t, noise, clip_denoised=clip_denoised,
                                                model_kwargs=model_kwargs, eta=eta)
@@ -308,7 +310,7 @@ class GaussianDiffusion:
             key = jax.random.key(0)  # only multiplied by sigma = 0 (DDIM, eta = 0)
         init_key, step_key = jax.random.split(key)
         if noise is None:
-            noise = jax.random.normal(init_key, tuple(shape), jnp.float32)
+            noise = draws.normal(init_key, tuple(shape), jnp.float32)
         elif tuple(noise.shape) != tuple(shape):
             raise ValueError(f"initial noise has shape {noise.shape}, expected {tuple(shape)}")
         loop, model_state = self._loop_fn(kind, model_fn, clip_denoised, return_steps)

@@ -7,21 +7,25 @@ unguided). Tokens are drawn after top-k / top-p masking; the chosen codes update
 (`VQVAE.get_next_autoregressive_input`), whose area-downsampled version, ``word_embed``-ed plus the
 level/position embedding, is the next scale's input. The final f_hat is decoded to an image in [0, 1].
 
-Each scale runs one jit-compiled step (one compilation per scale shape and sampling setting, cached
-across calls).
+Compilation is most of a small model's sampling time, so each scale runs two programs: the transformer's
+(`_scale_logits`: one compilation per padded scale length and model variant - consecutive scales share a
+padded length, `scale_lengths`, and the KV cache has a fixed capacity) and the tokenizer's
+(`_scale_tokens_to_codes`: sampling and the f_hat update, one compilation per scale and sampling setting,
+shared by every quantized variant of a model).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitlaws.models.var import VAR, KVCache
+from bitlaws.models.var import VAR, KVCache, scale_bounds
+from bitlaws.sample import draws
 
 
 class VARSamples(NamedTuple):
@@ -81,12 +85,12 @@ def sample_top_k_top_p(key: jax.Array, logits: jax.Array, top_k: int = 0,
         ``(tokens [...] int32, masked logits [..., V])``.
     """
     masked = mask_top_k_top_p(logits, top_k, top_p)
-    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32), masked
+    return draws.categorical(key, masked), masked
 
 
 def gumbel_softmax(key: jax.Array, logits: jax.Array, tau: float) -> jax.Array:
     """Soft Gumbel-softmax sample ``softmax((logits + g) / tau)``, ``g ~ Gumbel(0, 1)``; ``[..., V]``."""
-    return jax.nn.softmax((logits + jax.random.gumbel(key, logits.shape, logits.dtype)) / tau, axis=-1)
+    return jax.nn.softmax((logits + draws.gumbel(key, logits.shape, logits.dtype)) / tau, axis=-1)
 
 
 def _guidance_weights(cfg: float, si: int, num_scales: int) -> jax.Array:
@@ -96,59 +100,151 @@ def _guidance_weights(cfg: float, si: int, num_scales: int) -> jax.Array:
     return jnp.asarray(np.array([1.0 + t, t], np.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("var_def", "vae_def", "si", "top_k", "top_p", "more_smooth"))
-def _scale_step(var_def: nnx.GraphDef, var_state: nnx.State, vae_def: nnx.GraphDef, vae_state: nnx.State,
-                x_BlC: jax.Array, cond_BD: jax.Array, cache: Optional[KVCache], f_hat: jax.Array,
-                guidance: jax.Array, key: jax.Array, *, si: int, top_k: int, top_p: float,
-                more_smooth: bool):
-    """One scale of sampling.
+DEFAULT_PADDING = 0.3
+"""Default `scale_lengths` slack: at most 30 % more token rows than the scales hold."""
+
+
+def scale_lengths(patch_nums: Sequence[int], padding: float = DEFAULT_PADDING) -> tuple[int, ...]:
+    """The padded token count each scale runs at: consecutive scales share the largest length of their group.
+
+    Every distinct padded length is one compilation of the transformer's program (per model variant); the
+    padding rows cost compute. This picks the fewest groups of consecutive scales whose padded rows total at
+    most ``(1 + padding) * sum(pn**2)`` (ties: the fewest rows). The demo's ``(1, 2, 3, 4, 6, 8)`` gives
+    ``(16, 16, 16, 16, 36, 64)`` (3 programs instead of 6, 164 rows instead of 130); VAR-d16's 10 scales give
+    4 programs (841 rows instead of 680).
 
     Args:
-        var_def, var_state, vae_def, vae_state: The split transformer and tokenizer.
-        x_BlC: ``[2B, l, C]`` this scale's input tokens (cond half, then uncond half).
-        cond_BD: ``[2B, D]`` class embeddings.
-        cache: KV cache of the earlier scales (None at scale 0).
-        f_hat: ``[B, H, H, Cvae]`` cumulative tokenizer features.
+        patch_nums: Side length of each scale's token map.
+        padding: Allowed fraction of extra rows; 0 runs every distinct scale length as its own program.
+
+    Returns:
+        Per scale, the padded length (>= ``pn**2``).
+    """
+    lengths = [int(pn) * int(pn) for pn in patch_nums]
+    n, budget = len(lengths), (1.0 + max(float(padding), 0.0)) * sum(lengths)
+    # best[g][i]: (rows, cut points) of the cheapest split of scales [0, i) into g groups.
+    best = [{0: (0, ())}]
+    for groups in range(1, n + 1):
+        row = {}
+        for i in range(1, n + 1):
+            for j, (rows, cuts) in best[groups - 1].items():
+                if j < i and (i not in row or rows + (i - j) * lengths[i - 1] < row[i][0]):
+                    row[i] = (rows + (i - j) * lengths[i - 1], cuts + (i,))
+        best.append(row)
+        if n in row and row[n][0] <= budget:
+            break
+    padded, begin = [], 0
+    for end in best[-1][n][1]:
+        padded += [lengths[end - 1]] * (end - begin)
+        begin = end
+    return tuple(padded)
+
+
+def rows_independent(model: nnx.Module) -> bool:
+    """Whether padding rows that repeat a real row leave the real rows' outputs unchanged.
+
+    True unless a layer quantizes its input activations dynamically with one scale for the whole tensor and a
+    calibrator other than ``minmax`` (a percentile or MSE search over all rows would see the repeated rows).
+    """
+    for _, module in nnx.iter_graph(model):
+        quant = getattr(module, "quant", None)
+        act = getattr(quant, "act", None) if getattr(quant, "quantizes_acts", False) else None
+        if act is not None and not act.static and act.granularity == "tensor" and act.calibrator != "minmax":
+            return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnames=("var_def",), donate_argnames=("cache",))
+def _scale_logits(var_def: nnx.GraphDef, var_state: nnx.State, rows: jax.Array, cond_BD: jax.Array,
+                  cache: KVCache, guidance: jax.Array, offset: jax.Array,
+                  valid: jax.Array) -> tuple[jax.Array, KVCache]:
+    """The transformer's part of one scale: input rows -> CFG-combined logits (the only per-model program).
+
+    The scale is given by traced ``(offset, valid)``, so one compilation serves every scale padded to the same
+    length ``l`` (`scale_lengths`).
+
+    Args:
+        var_def, var_state: The split transformer.
+        rows: ``[B, l, Cvae]`` the area-downsampled f_hat of this scale, row-major, padded by repeating the
+            last row (zeros at scale 0, which starts from the class embedding).
+        cond_BD: ``[2B, D]`` class embeddings (cond half, then uncond half).
+        cache: Fixed-capacity KV buffers (`VAR.empty_cache`), donated.
         guidance: ``[2]`` float32 ``(1 + t, t)``.
+        offset: int32 index of the scale's first token in the whole sequence.
+        valid: int32 ``pn**2``.
+
+    Returns:
+        ``(guided logits [B, l, V] float32 (rows past `valid` are padding), updated cache)``.
+    """
+    var = nnx.merge(var_def, var_state)
+    x_BlC = var.padded_scale_tokens(rows, cond_BD, offset, valid)  # [2B, l, C]
+    h_BlC, cache = var.forward_cached(x_BlC, cond_BD, cache, cache_at=(offset, valid))
+    logits_2BlV = var.get_logits(h_BlC, cond_BD)  # [2B, l, V]
+    batch = logits_2BlV.shape[0] // 2
+    return guidance[0] * logits_2BlV[:batch] - guidance[1] * logits_2BlV[batch:], cache
+
+
+@functools.partial(jax.jit, static_argnames=("vae_def", "patch_nums", "si", "next_length", "top_k", "top_p",
+                                             "more_smooth"))
+def _scale_tokens_to_codes(vae_def: nnx.GraphDef, vae_state: nnx.State, guided: jax.Array, f_hat: jax.Array,
+                           key: jax.Array, *, patch_nums: tuple[int, ...], si: int, next_length: int,
+                           top_k: int, top_p: float, more_smooth: bool):
+    """The tokenizer's part of one scale: guided logits -> tokens -> f_hat and the next scale's input rows.
+
+    It does not depend on the transformer, so one compilation per scale serves every quantized variant of a
+    model (compiled into each variant's program, sampling and the f_hat update cost as much compile time as
+    the transformer itself for the small demo models).
+
+    Args:
+        vae_def, vae_state: The split tokenizer.
+        guided: ``[B, l_padded, V]`` float32 CFG-combined logits; the first ``pn**2`` rows are real.
+        f_hat: ``[B, H, H, Cvae]`` cumulative tokenizer features.
         key: PRNG key of this scale.
+        patch_nums: Side length of each scale's token map.
         si: Scale index.
+        next_length: Padded length of the next scale (ignored at the last scale).
         top_k, top_p, more_smooth: Sampling settings.
 
     Returns:
-        ``(guided logits [B, l, V], tokens [B, l], f_hat, next input [2B, l_next, C] or None, cache)``.
+        ``(tokens [B, l] int32, guided [B, l, V], f_hat, next rows [B, next_length, Cvae] or None at the last
+        scale)``.
     """
-    var = nnx.merge(var_def, var_state)
     vae = nnx.merge(vae_def, vae_state)
-    num_scales = len(var.patch_nums)
-    pn = var.patch_nums[si]
-    batch = f_hat.shape[0]
-    h_BlC, cache = var.forward_cached(x_BlC, cond_BD, cache)
-    logits_2BlV = var.get_logits(h_BlC, cond_BD)  # [2B, l, V]
-    guided = guidance[0] * logits_2BlV[:batch] - guidance[1] * logits_2BlV[batch:]  # [B, l, V]
+    num_scales = len(patch_nums)
+    pn = patch_nums[si]
+    guided = guided[:, :pn * pn]
+    batch, _, vocab = guided.shape
     sample_key, gumbel_key = jax.random.split(key)
     tokens, masked = sample_top_k_top_p(sample_key, guided, top_k, top_p)  # [B, l]
     if more_smooth:
         ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
         tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-        codebook = vae.embed(jnp.arange(var.vocab_size, dtype=jnp.int32)[None])[0]  # [V, Cvae]
+        codebook = vae.embed(jnp.arange(vocab, dtype=jnp.int32)[None])[0]  # [V, Cvae]
         codes = gumbel_softmax(gumbel_key, masked * (1 + ratio), tau) @ codebook  # [B, l, Cvae]
     else:
         codes = vae.embed(tokens)  # [B, l, Cvae]
-    h_map = codes.reshape(batch, pn, pn, var.Cvae)
+    h_map = codes.reshape(batch, pn, pn, codes.shape[-1])
     f_hat, next_map = vae.get_next_autoregressive_input(si, num_scales, f_hat, h_map)
-    next_x = None
-    if si != num_scales - 1:
-        next_x = var.scale_tokens(next_map, si + 1)  # [B, l_next, C]
-        next_x = jnp.concatenate([next_x, next_x], axis=0)  # [2B, l_next, C]
-    return guided, tokens, f_hat, next_x, cache
+    if si == num_scales - 1:
+        return tokens, guided, f_hat, None
+    rows = next_map.reshape(batch, -1, next_map.shape[-1])  # [B, pn_next**2, Cvae]
+    repeat = jnp.broadcast_to(rows[:, -1:], (batch, next_length - rows.shape[1], rows.shape[-1]))
+    return tokens, guided, f_hat, jnp.concatenate([rows, repeat], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("var_def",))
-def _start(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``labels [2B]`` -> ``(first-scale tokens [2B, first_l, C], cond_BD [2B, D])``."""
+@functools.partial(jax.jit, static_argnames=("var_def", "first_length", "capacity"))
+def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.Array, *, first_length: int,
+                   capacity: int) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    """``labels [2B]`` -> ``(cond_BD [2B, D], rows [B, first_length, Cvae] zeros, empty cache, f_hat zeros)``.
+
+    Made by one program so that every array the scale programs receive is a program output (arrays made
+    eagerly are uncommitted, and the first call would compile a second, otherwise identical executable).
+    """
     var = nnx.merge(var_def, var_state)
-    cond_BD = var.class_embedding(labels_2B)
-    return var.start_tokens(cond_BD), cond_BD
+    batch = labels_2B.shape[0] // 2
+    side = var.patch_nums[-1]
+    return (var.class_embedding(labels_2B), jnp.zeros((batch, first_length, var.Cvae), jnp.float32),
+            var.empty_cache(2 * batch, capacity), jnp.zeros((batch, side, side, var.Cvae), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("vae_def",))
@@ -173,8 +269,8 @@ def _labels(var: VAR, batch: int, label_B: Union[None, int, Sequence[int], jax.A
 
 def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None, int, Sequence[int], jax.Array],
                              key: jax.Array, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                             more_smooth: bool = False,
-                             return_logits: bool = False) -> Union[jax.Array, VARSamples]:
+                             more_smooth: bool = False, return_logits: bool = False,
+                             padding: float = DEFAULT_PADDING) -> Union[jax.Array, VARSamples]:
     """Generates class-conditional images with VAR (upstream ``autoregressive_infer_cfg``).
 
     Args:
@@ -191,6 +287,10 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
         more_smooth: Feed Gumbel-softmax-weighted code mixtures instead of the sampled codes (upstream's
             visual-quality option, not used for FID).
         return_logits: Also return the per-scale tokens and guided logits.
+        padding: Allowed fraction of padding rows when scales share the transformer's compiled program
+            (`scale_lengths`; 0: one program per distinct scale length). Padding changes no real token's
+            value beyond float reassociation (rows are independent), except that it is turned off for models
+            whose dynamic per-tensor activation calibrator would see the padding (`rows_independent`).
 
     Returns:
         ``[B, H, W, 3]`` float32 images in [0, 1], or a `VARSamples` when `return_logits`.
@@ -205,16 +305,19 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
 
     var_def, var_state = nnx.split(var)
     vae_def, vae_state = nnx.split(vae)
-    x_BlC, cond_BD = _start(var_def, var_state, labels_2B)
-    side = patch_nums[-1]
-    f_hat = jnp.zeros((B, side, side, var.Cvae), jnp.float32)
-    cache = None
+    lengths = scale_lengths(patch_nums, padding if rows_independent(var) else 0.0)
+    bounds = scale_bounds(patch_nums)
+    capacity = max(begin + length for (begin, _), length in zip(bounds, lengths))
+    cond_BD, rows, cache, f_hat = _initial_state(var_def, var_state, labels_2B, first_length=lengths[0],
+                                                 capacity=capacity)
     tokens, guided_logits = [], []
-    for si in range(num_scales):
-        guided, idx, f_hat, x_BlC, cache = _scale_step(
-            var_def, var_state, vae_def, vae_state, x_BlC, cond_BD, cache, f_hat,
-            _guidance_weights(cfg, si, num_scales), scale_keys[si], si=si, top_k=int(top_k),
-            top_p=float(top_p), more_smooth=bool(more_smooth))
+    for si, ((begin, end), length) in enumerate(zip(bounds, lengths)):
+        guided, cache = _scale_logits(var_def, var_state, rows, cond_BD, cache,
+                                      _guidance_weights(cfg, si, num_scales), np.int32(begin), np.int32(end - begin))
+        idx, guided, f_hat, rows = _scale_tokens_to_codes(
+            vae_def, vae_state, guided, f_hat, scale_keys[si], patch_nums=patch_nums, si=si,
+            next_length=lengths[min(si + 1, num_scales - 1)], top_k=int(top_k), top_p=float(top_p),
+            more_smooth=bool(more_smooth))
         tokens.append(idx)
         guided_logits.append(guided)
     images = _decode(vae_def, vae_state, f_hat)

@@ -109,6 +109,7 @@ def test_discretized_likelihood_is_a_distribution_over_bins():
     assert float(jnp.exp(log_probs).sum()) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow  # ~75 s; exact resume is tested on the trainer itself (tests/train) and on the VAR family
 def test_two_step_training_resumes_from_its_checkpoint(tmp_path):
     config = load_config(f"{CONFIG}:depth=1,quick")
     assert config.train.steps == 2 and config.family == "dit"

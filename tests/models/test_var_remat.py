@@ -37,6 +37,7 @@ def test_remat_blocks_gives_the_same_loss_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat_grads, plain_grads)
 
 
+@pytest.mark.slow  # ~2 min: two QAT runs; the remat step's values and memory are also checked in tests/qat/test_qat_memory.py
 def test_qat_remat_option_trains_the_same_kernels_and_needs_a_model_that_offers_it():
     model = tiny_var()
     labels, x = _inputs(model, batch=8)

@@ -1,0 +1,92 @@
+"""VAR sampler compilation layout: padded scale lengths, one program per length, padding changes nothing."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bitlaws.quant import QuantRule, QuantSpec, quantize_model
+from bitlaws.sample import var_sampler
+from bitlaws.sample.var_sampler import autoregressive_infer_cfg, rows_independent, scale_lengths
+from tests.models.test_var import TINY, StubTokenizer, tiny_var
+
+
+def _brute_force(lengths, padding):
+    """(groups, rows) of the best split of consecutive scales by exhaustive search."""
+    n, budget = len(lengths), (1 + padding) * sum(lengths)
+    best = None
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        ends = [i + 1 for i, cut in enumerate(cuts) if cut] + [n]
+        rows, begin = 0, 0
+        for end in ends:
+            rows += (end - begin) * lengths[end - 1]
+            begin = end
+        if rows <= budget and (best is None or (len(ends), rows) < best):
+            best = (len(ends), rows)
+    return best
+
+
+@pytest.mark.parametrize("patch_nums", [(1, 2, 3, 4, 6, 8), (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), (1,), (2, 3)])
+@pytest.mark.parametrize("padding", [0.0, 0.1, 0.3, 1.0, 10.0])
+def test_scale_lengths_fewest_programs_within_budget(patch_nums, padding):
+    lengths = [pn * pn for pn in patch_nums]
+    padded = scale_lengths(patch_nums, padding)
+    assert len(padded) == len(lengths)
+    assert all(p >= l for p, l in zip(padded, lengths))
+    assert list(padded) == sorted(padded)  # groups are consecutive scales
+    assert all(p in lengths for p in padded)  # a group runs at its largest scale's length
+    assert (len(set(padded)), sum(padded)) == _brute_force(lengths, padding)
+
+
+def test_scale_lengths_examples():
+    assert scale_lengths((1, 2, 3, 4, 6, 8), 0.0) == (1, 4, 9, 16, 36, 64)
+    assert scale_lengths((1, 2, 3, 4, 6, 8)) == (9, 9, 9, 36, 36, 64)
+    assert len(set(scale_lengths((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)))) == 4
+    assert scale_lengths((1, 2, 3, 4, 6, 8), 100.0) == (64,) * 6
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    patch_nums = (1, 2, 3, 4)
+    model = tiny_var(depth=2, patch_nums=patch_nums)
+    return model, StubTokenizer(TINY["vocab_size"], TINY["Cvae"], patch_nums, rngs=nnx.Rngs(1))
+
+
+def _sample(model, vae, padding):
+    return autoregressive_infer_cfg(model, vae, B=3, label_B=[0, 2, 4], key=jax.random.key(3), cfg=1.5, top_k=8,
+                                    top_p=0.9, return_logits=True, padding=padding)
+
+
+def test_padding_changes_no_real_token(model_and_tokenizer):
+    model, vae = model_and_tokenizer
+    exact, one_program = _sample(model, vae, 0.0), _sample(model, vae, 100.0)
+    for a, b in zip(exact.guided_logits, one_program.guided_logits):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    for a, b in zip(exact.tokens, one_program.tokens):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    np.testing.assert_allclose(np.asarray(one_program.images), np.asarray(exact.images), atol=1e-5)
+
+
+def test_one_compilation_per_padded_length(model_and_tokenizer):
+    model, vae = model_and_tokenizer
+    var_sampler._scale_logits.clear_cache()
+    for padding, programs in ((100.0, 1), (0.0, 4)):
+        var_sampler._scale_logits.clear_cache()
+        _sample(model, vae, padding)
+        _sample(model, vae, padding)  # a second call compiles nothing new (program outputs only as inputs)
+        assert var_sampler._scale_logits._cache_size() == programs
+
+
+def test_padding_off_when_a_per_tensor_calibrator_would_see_it(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    per_token = QuantRule(module_path=r".*fc1", weight=QuantSpec(format="int8"),
+                          act=QuantSpec(format="int8", granularity="token"))
+    percentile = QuantRule(module_path=r".*fc1", weight=QuantSpec(format="int8"),
+                           act=QuantSpec(format="int8", granularity="tensor", calibrator="percentile"))
+    assert rows_independent(model)
+    assert rows_independent(quantize_model(model, [per_token], mode="fake"))
+    assert not rows_independent(quantize_model(model, [percentile], mode="fake"))
+
