@@ -65,11 +65,18 @@ class WorkerDone:
 
 
 def model_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
-    """The cells grouped by model (grid order inside a group), largest group first, ties in grid order."""
+    """The cells grouped by model (grid order inside a group), largest group first.
+
+    Groups of equal size go in *reverse* grid order: sweep configs list models smallest first (the demo, the
+    paper's tables), so the most expensive models start first and the cheap ones fill the tail. Replaying the
+    per-model times of a measured 2-worker demo sweep (README), this order ends it about a minute earlier than
+    grid order (703 s against 763 s: in grid order the largest DiT ran alone at the end).
+    """
     groups: dict[str, list[Cell]] = {}
     for cell in cells:
         groups.setdefault(cell.model, []).append(cell)
-    return sorted(groups.values(), key=lambda group: -len(group))
+    ordered = list(groups.values())[::-1]
+    return sorted(ordered, key=lambda group: -len(group))  # stable: equal sizes keep the reversed order
 
 
 def prepare_worker(config_dict: dict) -> ml_collections.ConfigDict:

@@ -25,6 +25,15 @@ def test_model_groups_keep_models_together_largest_first():
     assert [cell.key for cell in groups[0]] == [cell.key for cell in cells if cell.model == "mlp-w8-d2"]
 
 
+def test_model_groups_of_equal_size_start_with_the_last_model_of_the_grid():
+    config = _toy_config("models=('mlp-w8-d1', 'mlp-w8-d2', 'mlp-w16-d1')", "settings=('W16A16', 'W4A16')")
+    cells = grid.expand_grid(config)
+    groups = parallel.model_groups(cells)
+    assert [group[0].model for group in groups] == ["mlp-w16-d1", "mlp-w8-d2", "mlp-w8-d1"]
+    short = [cell for cell in cells if not (cell.model == "mlp-w16-d1" and cell.setting == "W4A16")]
+    assert [group[0].model for group in parallel.model_groups(short)] == ["mlp-w8-d2", "mlp-w8-d1", "mlp-w16-d1"]
+
+
 def test_two_workers_write_the_same_records_as_one_process(tmp_path):
     config = _toy_config()
     serial = runner.run_sweep(config, tmp_path / "serial", progress=False)
