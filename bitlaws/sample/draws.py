@@ -2,9 +2,9 @@
 
 With JAX's partitionable threefry (the default), element ``i`` of a draw depends only on the key and its flat
 index ``i``, so ``normal(key, (n,)).reshape(shape)`` equals ``normal(key, shape)`` bit for bit. XLA:CPU
-compiles the flat draw several times faster than the multi-dimensional one (measured on this project's
-2-core CPU: Gumbel noise ``[500, 64, 64]`` 0.43 s against 1.84 s, a standard normal ``[500, 16, 16, 3]`` 0.53 s
-against 2.54 s), and sampling small models is mostly compilation. The tests check the equality
+compiles the flat draw about 3.5x faster than the multi-dimensional one (`python benchmarks/draws_compile.py`
+on the idle 2-core CPU: Gumbel noise ``[500, 64, 64]`` 0.34 s against 1.18 s, a normal ``[500, 16, 16, 3]`` 0.40 s
+against 1.34 s), and sampling small models is mostly compilation. The tests check the equality
 against `jax.random`, so a JAX release that changes the layout is caught.
 """
 
