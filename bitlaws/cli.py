@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pickle
 import shlex
 import sys
@@ -88,7 +89,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from bitlaws.laws import analyze  # pylint: disable=g-import-not-at-top
 
     _require(args.n_boot >= 0, f"--n-boot must be >= 0 (0: no bootstrap intervals), got {args.n_boot}")
-    outputs = analyze(args.results, args.out, n_boot=args.n_boot, seed=args.seed)
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    _require(workers >= 1, f"--workers must be >= 1, got {workers}")
+    outputs = analyze(args.results, args.out, n_boot=args.n_boot, seed=args.seed, workers=workers)
     for notice in outputs.notices:
         print(f"bitlaws report: notice: {notice}", file=sys.stderr)
     print(f"report: {outputs.report}")
@@ -206,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--n-boot", type=int, default=200,
                         help="bootstrap resamples, >= 0 (default 200; 0: no confidence intervals)")
     report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--workers", type=int, default=None,
+                        help="processes for the bootstrap fits (default: the CPUs this process may use); the "
+                             "results do not depend on it")
     report.set_defaults(func=_cmd_report)
 
     advise = sub.add_parser("advise", help="best model size x precision for a weight-storage budget",

@@ -316,7 +316,7 @@ class AnalysisOutputs:
 
 
 def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, pathlib.Path]] = None, *,
-            n_boot: int = 200, seed: int = 0) -> AnalysisOutputs:
+            n_boot: int = 200, seed: int = 0, workers: int = 1) -> AnalysisOutputs:
     """The post-sweep step: fits with bootstrap intervals, ``scaling_{mt,ct}.{png,svg}`` and ``report.md``.
 
     Args:
@@ -324,6 +324,7 @@ def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, path
         out_dir: Where to write (default: the sweep directory).
         n_boot: Bootstrap resamples (>= 0).
         seed: Bootstrap seed.
+        workers: Processes for the bootstrap fits (`fit_all`; the results do not depend on it).
 
     The results file is only read (see `bitlaws.laws.results_file`); a cut-off last line is skipped and
     named in ``notices`` and in the report.
@@ -345,7 +346,7 @@ def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, path
         raise ValueError(f"no usable cells in {read.path}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"report output folder {out_dir} is an existing file")
-    fits = fit_all(cells, n_boot=n_boot, seed=seed)
+    fits = fit_all(cells, n_boot=n_boot, seed=seed, workers=workers)
     plots = plot_scaling(cells, out_dir, fits)
     report = write_report(read.rows, out_dir, fits=fits, plots=plots, source=str(results),
                           samples_root=results if results.is_dir() else results.parent, notices=read.notices)

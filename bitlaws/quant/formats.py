@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Union
+from typing import Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -169,14 +169,30 @@ class FpFormat(_ElementFormat):
         pos = self.positive_grid()
         return np.concatenate([-pos[:0:-1], pos])
 
+    @property
+    def native_dtype(self) -> Optional[jnp.dtype]:
+        """The JAX dtype with exactly this format's values (fp8_e4m3 -> float8_e4m3fn, fp8_e5m2 -> float8_e5m2),
+        or None. (XLA:CPU cannot compile conversions to the float6/float4 dtypes, so those are not used.)"""
+        return _NATIVE_FP_DTYPES.get((self.exp_bits, self.man_bits, self.bias, self.ieee_specials,
+                                      self.nan_uses_top_mantissa))
+
     def round(self, x: jnp.ndarray) -> jnp.ndarray:
         """Rounds to the nearest representable value, ties to even, saturating at ±max_normal.
 
         Works elementwise in the input's float dtype: the step of the binade that holds |x| is
         2^(e - man_bits) with e = clip(floor(log2|x|), emin, emax) (from the exact `frexp`); rounding x/step to the nearest even integer
         is exactly round-to-nearest-even on the mantissa, and a carry into the next binade lands on a
-        representable value.
+        representable value. float32 input in a format with a `native_dtype` takes the shorter path of
+        saturating and converting to that dtype and back (the same bits, ~3x faster for fp8_e4m3 on XLA:CPU).
         """
+        x = jnp.asarray(x)
+        native = self.native_dtype
+        if native is not None and x.dtype == jnp.float32:
+            return jnp.clip(x, -self.max_normal, self.max_normal).astype(native).astype(jnp.float32)
+        return self.round_arithmetic(x)
+
+    def round_arithmetic(self, x: jnp.ndarray) -> jnp.ndarray:
+        """`round` computed from the binade's step for any float input (see `round`)."""
         x = jnp.asarray(x)
         mag = jnp.abs(x)
         _, frexp_exponent = jnp.frexp(jnp.where(mag > 0, mag, 1.0))  # exact: mag = m * 2^e, m in [.5, 1)
@@ -300,6 +316,10 @@ class LutFormat(_ElementFormat):
 
 
 QFormat = Union[IntFormat, FpFormat, MxFormat, LutFormat]
+
+# (exp_bits, man_bits, bias, ieee_specials, nan_uses_top_mantissa) -> the JAX dtype with the same values.
+_NATIVE_FP_DTYPES = {(4, 3, 7, False, True): jnp.dtype(jnp.float8_e4m3fn),
+                     (5, 2, 15, True, False): jnp.dtype(jnp.float8_e5m2)}
 
 FP8_E4M3 = FpFormat(4, 3, bias=7, ieee_specials=False, nan_uses_top_mantissa=True, name="fp8_e4m3")
 FP8_E5M2 = FpFormat(5, 2, bias=15, ieee_specials=True, nan_uses_top_mantissa=False, name="fp8_e5m2")

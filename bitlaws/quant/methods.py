@@ -254,9 +254,55 @@ def register_weight_method(name: str, *, needs_stats: bool = False, needs_hessia
     return wrap
 
 
+# RTN compiles one program per (kernel shape, spec); a model has a handful of kernel shapes and a sweep
+# several specs, and each program costs ~0.5-1 s of XLA:CPU compilation for microseconds of work. Kernels are
+# therefore quantized with their output axis padded to a multiple of this many columns (by repeating the last
+# column), so the kernels of a model that share an input size share one program per spec.
+RTN_COLUMN_BLOCK = 1024
+
+
+def columns_are_independent(spec: QuantSpec) -> bool:
+    """Whether quantizing a kernel with repeated output columns gives the same result for the original columns.
+
+    Scales are computed per output column (``channel`` / ``group``), or per tensor from the minimum and
+    maximum only (``minmax`` / ``absmax``), which repeated columns leave unchanged; so is the float16 scale
+    exponent (the maximum scale). A per-tensor ``percentile`` or ``mse`` calibrator sees the repeated values.
+    """
+    return spec.granularity != "tensor" or spec.calibrator in ("minmax", "absmax")
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _rtn_jit(kernel: jax.Array, spec: QuantSpec) -> qarray.QArray:
     return qarray.quantize(kernel, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("columns",))
+def _repeat_last_column(kernel: jax.Array, columns: int) -> jax.Array:
+    """``[..., N] -> [..., columns]``: the last column repeated."""
+    pad = [(0, 0)] * (kernel.ndim - 1) + [(0, columns - kernel.shape[-1])]
+    return jax.numpy.pad(kernel, pad, mode="edge")
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _first_columns(qa: qarray.QArray, shape: tuple[int, ...]) -> qarray.QArray:
+    """The `QArray` of the tensor's first ``shape[-1]`` output columns (a column-padded `QArray` cut back)."""
+    n = shape[-1]
+    cut = lambda a: None if a is None else a[:, :n]  # noqa: E731  ([K or G, N] arrays; scale_exp is 0-d)
+    return dataclasses.replace(qa, values=cut(qa.values), scale=cut(qa.scale), zero_point=cut(qa.zero_point),
+                               shape=tuple(shape))
+
+
+def rtn_kernel(kernel: jax.Array, spec: QuantSpec) -> qarray.QArray:
+    """`qarray.quantize(kernel, spec)` (kernel convention: every axis but the last reduced), with one compiled
+    program per (spec, input shape, output columns rounded up to `RTN_COLUMN_BLOCK`): bit for bit the same
+    `QArray`."""
+    qarray.check_tensor(kernel, "kernel")
+    columns = kernel.shape[-1]
+    padded = -(-columns // RTN_COLUMN_BLOCK) * RTN_COLUMN_BLOCK
+    if kernel.ndim < 2 or padded == columns or not columns_are_independent(spec):
+        return _rtn_jit(kernel, spec)
+    wide = _rtn_jit(_repeat_last_column(kernel, padded), spec)
+    return _first_columns(wide, tuple(kernel.shape))
 
 
 @register_weight_method("rtn")
@@ -265,8 +311,7 @@ def rtn(kernel: jax.Array, spec: QuantSpec, stats: Optional[ActStats] = None,
     """Round-to-nearest with the spec's calibrator (the paper's baseline, eq. 4-6 for ``minmax``)."""
     del stats
     if reduce_axes is None:
-        qarray.check_tensor(kernel, "kernel")
-        return _rtn_jit(kernel, spec)  # one compilation per (shape, spec), reused by every model and cell
+        return rtn_kernel(kernel, spec)
     return qarray.quantize(kernel, spec, reduce_axes)
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from bitlaws.models.var import VAR, KVCache, scale_bounds
 from bitlaws.sample import draws
+from bitlaws.sample.xla_options import SAMPLER_OPTIONS
 
 
 class VARSamples(NamedTuple):
@@ -154,7 +155,8 @@ def rows_independent(model: nnx.Module) -> bool:
     return True
 
 
-@functools.partial(jax.jit, static_argnames=("var_def",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("var_def",), donate_argnames=("cache",),
+                   compiler_options=SAMPLER_OPTIONS)
 def _scale_logits(var_def: nnx.GraphDef, var_state: nnx.State, rows: jax.Array, cond_BD: jax.Array,
                   cache: KVCache, guidance: jax.Array, offset: jax.Array,
                   valid: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -185,7 +187,7 @@ def _scale_logits(var_def: nnx.GraphDef, var_state: nnx.State, rows: jax.Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("vae_def", "patch_nums", "si", "next_length", "top_k", "top_p",
-                                             "more_smooth"))
+                                             "more_smooth"), compiler_options=SAMPLER_OPTIONS)
 def _scale_tokens_to_codes(vae_def: nnx.GraphDef, vae_state: nnx.State, guided: jax.Array, f_hat: jax.Array,
                            key: jax.Array, *, patch_nums: tuple[int, ...], si: int, next_length: int,
                            top_k: int, top_p: float, more_smooth: bool):
@@ -232,7 +234,8 @@ def _scale_tokens_to_codes(vae_def: nnx.GraphDef, vae_state: nnx.State, guided: 
     return tokens, guided, f_hat, jnp.concatenate([rows, repeat], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("var_def", "first_length", "capacity"))
+@functools.partial(jax.jit, static_argnames=("var_def", "first_length", "capacity"),
+                   compiler_options=SAMPLER_OPTIONS)
 def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.Array, *, first_length: int,
                    capacity: int) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
     """``labels [2B]`` -> ``(cond_BD [2B, D], rows [B, first_length, Cvae] zeros, empty cache, f_hat zeros)``.
@@ -247,7 +250,7 @@ def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.A
             var.empty_cache(2 * batch, capacity), jnp.zeros((batch, side, side, var.Cvae), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("vae_def",))
+@functools.partial(jax.jit, static_argnames=("vae_def",), compiler_options=SAMPLER_OPTIONS)
 def _decode(vae_def: nnx.GraphDef, vae_state: nnx.State, f_hat: jax.Array) -> jax.Array:
     """``f_hat [B, h, w, Cvae]`` -> images ``[B, H, W, 3]`` in [0, 1]."""
     vae = nnx.merge(vae_def, vae_state)

@@ -164,7 +164,8 @@ class TrainResult:
         ema: The final EMA of the parameters, or None.
         step: Steps completed (over all sessions).
         start_step: The step this session resumed from (0: fresh).
-        wall_s: Wall time over all sessions (s).
+        wall_s: Wall time over all sessions (s). With `out_dir`, the value saved with the last train state (what a
+            resumed run continues from; waiting for that write to finish is not counted).
         metrics: Mean of each metric over the last <= 50 logged steps of this session.
         history: Every logged step of this session: ``{"step", **metrics, "steps_per_s"}`` (and ``"lr"``
             with the default optimizer), as in ``metrics.jsonl``.
@@ -348,6 +349,7 @@ def train(loss_fn: LossFn, params: Any, get_batch: Callable[[int], Any], config:
     writer = jax.process_index() == 0 and out_dir is not None
     store = TrainStateStore(out_dir) if out_dir is not None else None
     start_step, previous_wall = 0, 0.0
+    saved_wall = None
     bar = log = None
     try:
         if store is not None and store.latest_step() is not None:  # resume, placed as a fresh start would be
@@ -376,9 +378,11 @@ def train(loss_fn: LossFn, params: Any, get_batch: Callable[[int], Any], config:
         step, saved_step = start_step, start_step
 
         def save() -> None:
+            nonlocal saved_wall
             log.flush()  # metrics.jsonl never lags the state
+            saved_wall = previous_wall + time.perf_counter() - began
             state = {"params": params, "opt_state": opt_state, "ema": ema, "step": np.asarray(step, np.int64),
-                     "wall_s": np.asarray(previous_wall + time.perf_counter() - began, np.float64)}
+                     "wall_s": np.asarray(saved_wall, np.float64)}
             store.save(step, state)
 
         while step < end_step:
@@ -408,8 +412,9 @@ def train(loss_fn: LossFn, params: Any, get_batch: Callable[[int], Any], config:
             log.close()
         if store is not None:
             store.close()
-    return TrainResult(params=params, ema=ema, step=step, start_step=start_step,
-                       wall_s=previous_wall + time.perf_counter() - began, metrics=log.recent_means(),
+    wall_s = saved_wall if saved_wall is not None else previous_wall + time.perf_counter() - began
+    return TrainResult(params=params, ema=ema, step=step, start_step=start_step, wall_s=wall_s,
+                       metrics=log.recent_means(),
                        history=log.history)
 
 

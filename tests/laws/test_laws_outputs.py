@@ -46,6 +46,14 @@ def law_fits(results_dir):
     return fit.fit_all(fit.load_results(results_dir), n_boot=15, seed=0)
 
 
+def test_fits_in_worker_processes_equal_one_process(results_dir, law_fits):
+    parallel = fit.fit_all(fit.load_results(results_dir), n_boot=15, seed=0, workers=2)
+    assert repr(parallel) == repr(law_fits)  # every series keeps its own seed (repr: NaN intervals compare equal)
+    assert sum(f.n_boot_ok for f in parallel.families["var"].mt.values()) > 0
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        fit.fit_all(fit.load_results(results_dir), n_boot=15, workers=0)
+
+
 def test_plots_are_written(results_dir, law_fits, tmp_path):
     paths = plots.plot_scaling(fit.load_results(results_dir), tmp_path / "plots", law_fits)
     assert sorted(p.name for p in paths) == ["scaling_ct.png", "scaling_ct.svg", "scaling_mt.png", "scaling_mt.svg"]

@@ -27,6 +27,7 @@ def _loss_and_grads(model, labels, x):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow  # the same check (with dropout on) and the memory saving run by default in tests/qat/test_qat_memory.py
 def test_remat_blocks_gives_the_same_loss_and_gradients():
     model = tiny_var()
     labels, x = _inputs(model)

@@ -62,6 +62,27 @@ def test_fp_rounding_is_nearest_even_like_ml_dtypes(name):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_round_through_the_native_dtype_has_the_arithmetic_bits(name):
+    fmt = parse_format(name)
+    assert fmt.native_dtype == jnp.dtype(ML_DTYPES[name])
+    grid = fmt.grid()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        grid, midpoints, np.nextafter(midpoints, np.inf), np.nextafter(midpoints, -np.inf),  # ties and their sides
+        fmt.max_normal * np.array([0.999, 1.01, 1.5, 2.0, -1.01]), [fmt.min_subnormal / 2, -fmt.min_subnormal / 2],
+        [0.0, -0.0, 1e-45, -1e-38, 3e38, -3e38, np.inf, -np.inf, np.nan],
+        rng.standard_normal(20000) * fmt.max_normal / 4, rng.standard_normal(20000) * fmt.min_subnormal * 8,
+    ]).astype(np.float32)
+    native = np.asarray(fmt.round(jnp.asarray(x)))
+    arithmetic = np.asarray(fmt.round_arithmetic(jnp.asarray(x)))
+    assert native.tobytes() == arithmetic.tobytes()  # every bit: signed zeros, saturation, NaN
+    assert parse_format("fp6_e3m2").native_dtype is None  # XLA:CPU cannot compile float6/float4 conversions
+    bf16 = jnp.asarray(x[:2000], jnp.bfloat16)  # other input dtypes keep the arithmetic path
+    assert np.asarray(fmt.round(bf16)).tobytes() == np.asarray(fmt.round_arithmetic(bf16)).tobytes()
+
+
 def test_fp_round_saturates():
     fmt = parse_format("fp8_e4m3")
     out = np.asarray(fmt.round(jnp.asarray([1e6, -1e6, 460.0], jnp.float32)))

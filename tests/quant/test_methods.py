@@ -145,3 +145,47 @@ def test_fake_rtn_equals_fake_quant_of_each_kernel(block, images):
             kernel = dict(quant_layers(block))[path].kernel[...]
             np.testing.assert_array_equal(np.asarray(fake_quant(kernel, layer.quant.weight)),
                                           np.asarray(dequantize(quantize(kernel, layer.quant.weight))))
+
+
+RTN_SPECS = [QuantSpec(format="int8"), QuantSpec(format="int3"), QuantSpec(format="uint4"),
+             QuantSpec(format="fp8_e4m3"), QuantSpec(format="fp4_e2m1", scale_dtype="bfloat16"),
+             QuantSpec(format="mxfp4"), QuantSpec(format="nf4", granularity="group", group_size=8),
+             QuantSpec(format="int4", calibrator="mse"), QuantSpec(format="int4", granularity="tensor"),
+             QuantSpec(format="int4", granularity="tensor", calibrator="percentile", percentile=99.0)]
+
+
+def _rtn_kernels(rng) -> dict[str, np.ndarray]:
+    """Kernels of a few shapes and magnitudes: outlier, tiny and zero columns, huge values, a NaN."""
+    wide = rng.standard_normal((32, 40)).astype(np.float32)
+    wide[:, 3] *= 300.0  # outlier column
+    wide[:, -1] = 0.0  # the repeated column is all zeros
+    wide[:, :2] *= 1e-30  # tiny columns
+    huge = (rng.standard_normal((32, 1100)) * 1e30).astype(np.float32)  # pads to 2048 columns
+    huge[7, -1] = np.nan  # in the repeated column
+    conv = rng.standard_normal((2, 2, 8, 12)).astype(np.float32)
+    return dict(wide=wide, huge=huge, conv=conv)
+
+
+@pytest.mark.parametrize("spec", RTN_SPECS, ids=lambda s: s.short())
+def test_rtn_on_column_padded_kernels_is_bit_for_bit_plain_quantize(spec):
+    for name, kernel in _rtn_kernels(np.random.default_rng(0)).items():
+        if kernel.shape[-2] % (spec.group_size or 1) or (spec.format.name == "mxfp4" and kernel.shape[-2] % 32):
+            continue
+        got, want = methods.rtn(jnp.asarray(kernel), spec), quantize(jnp.asarray(kernel), spec)
+        assert got.shape == want.shape == kernel.shape and got.spec == want.spec, name
+        for field in ("values", "scale", "zero_point", "scale_exp"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert (a is None) == (b is None), (name, field)
+            if a is not None:
+                assert a.shape == b.shape and a.dtype == b.dtype, (name, field)
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), (name, field)  # bits, NaNs included
+
+
+def test_rtn_kernels_of_one_input_size_share_one_program():
+    methods._rtn_jit.clear_cache()  # pylint: disable=protected-access
+    spec = QuantSpec(format="int5")
+    for columns in (96, 288, 384, 576):
+        methods.rtn(jnp.ones((48, columns), jnp.float32), spec)
+    assert methods._rtn_jit._cache_size() == 1  # pylint: disable=protected-access
+    assert methods.columns_are_independent(spec)
+    assert not methods.columns_are_independent(QuantSpec(format="int4", granularity="tensor", calibrator="mse"))

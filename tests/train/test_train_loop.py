@@ -37,6 +37,7 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(tiny, tmp_path
     assert straight.step == 20 and straight.start_step == 0 and len(straight.history) == 20
     first = run(tiny, tmp_path / "resumed", config=config, stop_after=8)
     assert first.step == 8 and [r["step"] for r in first.history] == list(range(1, 9))
+    assert first.wall_s == tiny.saved_state(tmp_path / "resumed", with_wall=True)["['wall_s']"]  # what resumes
     second = run(tiny, tmp_path / "resumed", config=config)
     assert second.start_step == 8 and second.step == 20
     assert [r["step"] for r in second.history] == list(range(9, 21))

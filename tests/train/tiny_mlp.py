@@ -84,8 +84,9 @@ def flat(tree, prefix: str) -> dict[str, np.ndarray]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def saved_state(out_dir) -> dict[str, np.ndarray]:
-    """The latest train state in `out_dir` (params, opt_state, ema) as flat numpy arrays."""
+def saved_state(out_dir, with_wall: bool = False) -> dict[str, np.ndarray]:
+    """The latest train state in `out_dir` (params, opt_state, ema; and ``wall_s`` if `with_wall`) as flat numpy
+    arrays."""
     like_params = jax.tree.map(jnp.asarray, make_params())
     cfg = config()
     from bitlaws.train import make_optimizer  # pylint: disable=g-import-not-at-top
@@ -94,7 +95,7 @@ def saved_state(out_dir) -> dict[str, np.ndarray]:
             "step": np.asarray(0, np.int64), "wall_s": np.asarray(0.0, np.float64)}
     with TrainStateStore(out_dir) as store:
         restored = store.restore(like)
-    return flat({k: restored[k] for k in ("params", "opt_state", "ema")}, "")
+    return flat({k: restored[k] for k in ("params", "opt_state", "ema") + (("wall_s",) if with_wall else ())}, "")
 
 
 def _die_in_save(call: int) -> None:
