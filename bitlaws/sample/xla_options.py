@@ -8,7 +8,8 @@ own kernels) measured, on this 2-core CPU, one core, demo member var-d4, 500 sam
 (compilation included) 33.5 s -> 22.0 s; the DiT DDIM loop of dit-d5 is within noise (-3 %). Outputs change
 in the last float bits only (summation order).
 
-The options are XLA debug options; backends other than the CPU ignore the ``xla_cpu_*`` ones. Set the
+The options are XLA debug options (one set for every backend); the ``xla_cpu_*`` ones only act in XLA:CPU (not
+yet run on a GPU or TPU in this project: no device was lent when this was written). Set the
 environment variable ``BITLAWS_XLA_DEFAULTS=1`` (before importing bitlaws) to compile with XLA's defaults.
 """
 
