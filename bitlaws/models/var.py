@@ -158,17 +158,23 @@ class SelfAttention(nnx.Module):
         Args:
             x: ``[B, l, C]`` float32 new tokens.
             attn_bias: ``[l, l_total]`` additive mask (0 / -inf), or None for full attention.
-            cache: ``(k, v)`` of earlier tokens, each ``[B, l_seen, H, hd]``, or None. With `cache_at`: fixed
-                buffers ``[B, capacity, H, hd]``.
-            cache_at: ``(offset, valid)`` int32 scalars (traced): write this call's k/v at row `offset` of the
-                fixed-capacity `cache` and attend to its first ``offset + valid`` rows only. Rows of `x` past
-                `valid` are padding (they are written too; later calls overwrite them, no query sees them).
+            cache: Fixed-capacity ``(k, v)`` buffers, each ``[B, capacity, H, hd]`` (`VAR.empty_cache`), with
+                `cache_at`; or None (no cache: attend to `x` only).
+            cache_at: ``(offset, valid)`` int32 scalars (traced): write this call's k/v at row `offset` of
+                `cache` and attend to its first ``offset + valid`` rows only. Rows of `x` past `valid` are
+                padding (they are written too; later calls overwrite them, no query sees them).
             key: PRNG key enabling dropout (training), or None.
 
         Returns:
-            ``(out [B, l, C], (k, v))``: all tokens seen so far, each ``[B, l_seen + l, H, hd]``, or the updated
-            fixed-capacity buffers with `cache_at`.
+            ``(out [B, l, C], (k, v))``: this call's keys and values ``[B, l, H, hd]``, or the updated buffers
+            with a cache.
+
+        Raises:
+            ValueError: `cache` without `cache_at` or the reverse.
         """
+        if (cache is None) != (cache_at is None):
+            raise ValueError("SelfAttention: cache and cache_at go together (fixed-capacity buffers from "
+                             "VAR.empty_cache and the (offset, valid) of this call)")
         b, l, c = x.shape
         zero_k_bias = jnp.zeros_like(self.q_bias[...])
         qkv_bias = jnp.concatenate([self.q_bias[...], zero_k_bias, self.v_bias[...]])  # [3C]
@@ -178,16 +184,13 @@ class SelfAttention(nnx.Module):
             scale_mul = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], MAX_SCALE_MUL))  # [1, H, 1, 1]
             q = l2_normalize(q) * scale_mul.reshape(1, 1, self.num_heads, 1)
             k = l2_normalize(k)
-        if cache_at is not None:
+        if cache is not None:
             offset, valid = cache_at
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, offset, axis=1)  # [B, capacity, H, hd]
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, offset, axis=1)
             visible = jnp.arange(k.shape[1]) < offset + valid  # [capacity]
             mask = jnp.where(visible, jnp.float32(0.0), jnp.float32(-jnp.inf))[None, :]
             attn_bias = mask if attn_bias is None else attn_bias + mask
-        elif cache is not None:
-            k = jnp.concatenate([cache[0], k], axis=1)  # [B, l_seen + l, H, hd]
-            v = jnp.concatenate([cache[1], v], axis=1)
         scores = jnp.einsum("blhd,bmhd->bhlm", q * self.softmax_scale, k)  # [B, H, l, l_total]
         if attn_bias is not None:
             scores = scores + attn_bias
@@ -415,25 +418,6 @@ class VAR(nnx.Module):
         """``label_B [B]`` int (``num_classes`` = unconditional) -> ``cond_BD [B, D]``."""
         return jnp.take(self.class_emb[...], jnp.asarray(label_B, jnp.int32), axis=0)
 
-    def start_tokens(self, cond_BD: jax.Array) -> jax.Array:
-        """First-scale input: ``cond_BD [B, D]`` -> ``[B, first_l, C]`` (class + pos_start + lvl/pos)."""
-        sos = cond_BD[:, None, :] + self.pos_start[...]  # [B, first_l, C]
-        return sos + self.lvl_pos()[:, :self.first_l]
-
-    def scale_tokens(self, f_BhwC: jax.Array, si: int) -> jax.Array:
-        """Input tokens of scale `si` from the downsampled tokenizer features.
-
-        Args:
-            f_BhwC: ``[B, pn, pn, Cvae]`` float32 with ``pn = patch_nums[si]`` (row-major flattening).
-            si: Scale index, ``1 <= si < len(patch_nums)``.
-
-        Returns:
-            ``[B, pn*pn, C]``: ``word_embed(f) + lvl/pos`` embedding of that scale.
-        """
-        begin, end = scale_bounds(self.patch_nums)[si]
-        b = f_BhwC.shape[0]
-        return self.word_embed(f_BhwC.reshape(b, -1, self.Cvae)) + self.lvl_pos()[:, begin:end]
-
     def block_condition(self, cond_BD: jax.Array) -> jax.Array:
         """What the blocks receive: ``cond_BD`` itself, or the shared AdaLN output ``[B, 1, 6, C]``."""
         if not self.shared_aln:
@@ -490,10 +474,9 @@ class VAR(nnx.Module):
         Args:
             x_BlC: ``[B, l, C]`` the new scale's input tokens.
             cond_BD: ``[B, D]`` class embeddings.
-            cache: The cache returned for the previous scale, or None at the first scale; with `cache_at`,
-                fixed-capacity buffers (`empty_cache`).
-            cache_at: ``(offset, valid)``: see `SelfAttention` (one program then serves every scale whose
-                padded length is ``l``).
+            cache: Fixed-capacity buffers (`empty_cache`, then what the previous scale returned).
+            cache_at: ``(offset, valid)`` of this scale: see `SelfAttention` (one program then serves every scale
+                whose padded length is ``l``).
 
         Returns:
             ``(h [B, l, C] final hidden states, cache including these tokens)``; feed ``h`` to `get_logits`.
@@ -522,11 +505,11 @@ class VAR(nnx.Module):
             f_BlCv: ``[B, l, Cvae]`` the scale's downsampled tokenizer features, row-major, rows past `valid`
                 repeating the last one (ignored at scale 0).
             cond_BD: ``[2B, D]`` class embeddings (cond half, then uncond half).
-            offset: int32 first token of the scale (0: the first scale, whose tokens are `start_tokens`).
+            offset: int32 first token of the scale (0: the first scale, class embedding + ``pos_start``).
             valid: int32 number of real tokens (``pn**2``), ``1 <= valid <= l``.
 
         Returns:
-            ``[2B, l, C]``: `start_tokens` or ``word_embed(f) + lvl/pos`` for rows ``< valid``; every later
+            ``[2B, l, C]``: ``class + pos_start + lvl/pos`` (scale 0) or ``word_embed(f) + lvl/pos`` for rows ``< valid``; every later
             row equals row ``valid - 1`` exactly (so per-tensor max/min activation scales are unchanged).
         """
         b, l, _ = f_BlCv.shape

@@ -111,7 +111,7 @@ def scale_lengths(patch_nums: Sequence[int], padding: float = DEFAULT_PADDING) -
     Every distinct padded length is one compilation of the transformer's program (per model variant); the
     padding rows cost compute. This picks the fewest groups of consecutive scales whose padded rows total at
     most ``(1 + padding) * sum(pn**2)`` (ties: the fewest rows). The demo's ``(1, 2, 3, 4, 6, 8)`` gives
-    ``(16, 16, 16, 16, 36, 64)`` (3 programs instead of 6, 164 rows instead of 130); VAR-d16's 10 scales give
+    ``(9, 9, 9, 36, 36, 64)`` (3 programs instead of 6, 163 rows instead of 130); VAR-d16's 10 scales give
     4 programs (841 rows instead of 680).
 
     Args:

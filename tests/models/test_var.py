@@ -133,17 +133,19 @@ def test_block_causal_mask():
 
 
 @nnx.jit
-def _teacher_and_incremental(model: VAR, labels: jax.Array, x_BLCv: jax.Array):
-    """Teacher-forced logits and the same logits computed scale by scale with the KV cache."""
-    teacher = model(labels, x_BLCv)  # [B, L, V]
-    batch, patch_nums = x_BLCv.shape[0], model.patch_nums
+def _teacher_and_incremental(model: VAR, labels: jax.Array, x_1LCv: jax.Array):
+    """Teacher-forced logits and the same logits computed scale by scale with the sampler's fixed-capacity KV
+    cache (`VAR.padded_scale_tokens` + ``forward_cached(cache_at=...)``), for one feature row shared by the
+    ``[2]`` labels (the sampler's CFG layout)."""
+    x_BLCv = jnp.concatenate([x_1LCv, x_1LCv], axis=0)  # [2, L - 1, Cvae]
+    teacher = model(labels, x_BLCv)  # [2, L, V]
     cond_BD = model.class_embedding(labels)
-    x_BlC, cache, logits = model.start_tokens(cond_BD), None, []
-    for si, (begin, end) in enumerate(scale_bounds(patch_nums)):
-        if si > 0:
-            pn = patch_nums[si]
-            x_BlC = model.scale_tokens(x_BLCv[:, begin - 1:end - 1].reshape(batch, pn, pn, -1), si)
-        h_BlC, cache = model.forward_cached(x_BlC, cond_BD, cache)
+    bounds = scale_bounds(model.patch_nums)
+    cache, logits = model.empty_cache(2, bounds[-1][1]), []
+    for begin, end in bounds:
+        rows = x_1LCv[:, begin - 1:end - 1] if begin else jnp.zeros((1, end, x_1LCv.shape[-1]))
+        x_BlC = model.padded_scale_tokens(rows, cond_BD, jnp.int32(begin), jnp.int32(end - begin))
+        h_BlC, cache = model.forward_cached(x_BlC, cond_BD, cache, cache_at=(jnp.int32(begin), jnp.int32(end - begin)))
         logits.append(model.get_logits(h_BlC, cond_BD))
     return teacher, jnp.concatenate(logits, axis=1), cache
 
@@ -153,9 +155,9 @@ def test_kv_cache_matches_teacher_forcing(shared_aln):
     model = tiny_var(shared_aln=shared_aln)
     batch, length = 2, sum(p * p for p in TINY["patch_nums"])
     rng = np.random.default_rng(3)
-    x_BLCv = jnp.asarray(rng.standard_normal((batch, length - 1, TINY["Cvae"])), jnp.float32)
+    x_1LCv = jnp.asarray(rng.standard_normal((1, length - 1, TINY["Cvae"])), jnp.float32)
     labels = jnp.array([2, TINY["num_classes"]])
-    teacher, incremental, cache = _teacher_and_incremental(model, labels, x_BLCv)
+    teacher, incremental, cache = _teacher_and_incremental(model, labels, x_1LCv)
     assert teacher.shape == (batch, length, TINY["vocab_size"])
     assert len(cache) == TINY["depth"]
     assert cache[0][0].shape == (batch, length, TINY["num_heads"], TINY["embed_dim"] // TINY["num_heads"])
@@ -238,3 +240,10 @@ def test_sampler_deterministic_given_key():
     tokens = np.concatenate([np.asarray(t) for t in first.tokens], 1)
     other_tokens = np.concatenate([np.asarray(t) for t in other.tokens], 1)
     assert not np.array_equal(tokens, other_tokens)
+
+
+def test_a_kv_cache_needs_its_write_position():
+    model = tiny_var()
+    x = jnp.zeros((2, 1, TINY["embed_dim"]))
+    with pytest.raises(ValueError, match="cache and cache_at go together"):
+        model.blocks[0].attn(x, cache=model.empty_cache(2, 4)[0])
