@@ -255,9 +255,18 @@ def _version() -> str:
     return package_version()
 
 
+# Subcommands that compile XLA programs: they run with JAX's persistent compilation cache (`bitlaws.compile_cache`:
+# the user's cache folder unless BITLAWS_COMPILATION_CACHE=0), so a second run starts warm.
+COMPILING_COMMANDS = ("sweep", "ptq", "train", "eval", "port")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in COMPILING_COMMANDS:
+        from bitlaws import compile_cache  # pylint: disable=g-import-not-at-top
+
+        compile_cache.enable()
     try:
         return args.func(args)
     except USER_ERRORS as e:

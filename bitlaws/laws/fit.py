@@ -426,14 +426,22 @@ def bootstrap(x: Sequence[float], y: Sequence[float], *, n_boot: int = 200, seed
     base = base if base is not None and base.kind == "power+floor" else _fit_power_arrays(x, y)
     x_ref = float(np.exp(np.mean(np.log(x))))
     start = _theta_of(base, x_ref)
+    fitted: dict[tuple[int, ...], Optional[np.ndarray]] = {}
 
     def refit(indices: np.ndarray) -> Optional[np.ndarray]:
-        xs, ys = x[indices], y[indices]
-        if np.unique(xs).size < _MIN_DISTINCT_FOR_FULL_FIT:
-            return None
-        log_u = np.log(xs / x_ref)
-        theta, _ = _solve_power(log_u, ys, [start])
-        return np.array([math.exp(theta[0] + theta[1] * math.log(x_ref)), theta[1], theta[2]])
+        # The least-squares cost is a sum over points, so a resample's fit depends only on which points it
+        # holds, not on their order: each distinct multiset is fitted once, its points in sorted order. With
+        # one point per model size (4-6 points) 200 resamples hold only a few dozen distinct multisets.
+        key = tuple(sorted(int(i) for i in indices))
+        if key not in fitted:
+            chosen = np.asarray(key)
+            xs, ys = x[chosen], y[chosen]
+            if np.unique(xs).size < _MIN_DISTINCT_FOR_FULL_FIT:
+                fitted[key] = None
+            else:
+                theta, _ = _solve_power(np.log(xs / x_ref), ys, [start])
+                fitted[key] = np.array([math.exp(theta[0] + theta[1] * math.log(x_ref)), theta[1], theta[2]])
+        return fitted[key]
 
     return _bootstrap_generic(x.size, names, refit, n_boot, seed, level)
 

@@ -2,9 +2,10 @@
 
 For each family and each (setting, format) that ran under more than one quantization method, one table: rows
 are the family's models (smallest first), columns the methods, entries the metric (lower is better; the best
-of a row in bold). Below each family: how often each method beats RTN on the same (model, setting, format),
-and the bit-level verdict (`bitlaws.laws.pareto.verdicts`) recomputed on each method's cells alone (with the
-float baseline), so the report says whether any PTQ method changes the verdict RTN gives.
+of a row in bold). Below each family: each method's geometric-mean ratio to RTN per precision, how often it
+beats RTN on the same (model, setting, format), and the bit-level verdict (`bitlaws.laws.pareto.verdicts`)
+recomputed on each method's cells alone (with the float baseline), so the report says whether any PTQ method
+changes the verdict RTN gives.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def method_tables(cells: Sequence[Cell], metric: str) -> list[str]:
         pairs = sorted({(c.setting, c.fmt) for c in mine if not c.is_baseline}, key=_setting_key)
         lines += [f"### {family_title(family)}", ""]
         wins = {m: [0, 0] for m in methods if m != RTN}
+        ratios: dict[tuple[str, str], dict[str, list[float]]] = {}  # (setting, fmt) -> method -> value / RTN's
         for setting, fmt in pairs:
             present = [m for m in methods if any((mod, setting, fmt, m) in by_key for mod in models)]
             if len(present) < 2:
@@ -71,9 +73,34 @@ def method_tables(cells: Sequence[Cell], metric: str) -> list[str]:
                     if method != RTN and math.isfinite(value) and math.isfinite(rtn):
                         wins[method][0] += value < rtn
                         wins[method][1] += 1
+                        if value > 0 and rtn > 0:
+                            ratios.setdefault((setting, fmt), {}).setdefault(method, []).append(value / rtn)
             lines.append("")
+        lines += _ratio_table(ratios, [m for m in methods if m != RTN], metric)
         lines += _summary(family, mine, wins)
     return lines
+
+
+def _ratio_table(ratios: dict[tuple[str, str], dict[str, list[float]]], methods: Sequence[str],
+                 metric: str) -> list[str]:
+    """One row per precision: each method's geometric mean over the sizes of its metric / RTN's, and its wins."""
+    shown = [m for m in methods if any(m in by_method for by_method in ratios.values())]
+    if not ratios or not shown:
+        return []
+    lines = [f"Relative to RTN: geometric mean over the sizes of {metric}(method) / {metric}(RTN) (below 1: better "
+             "than RTN); in brackets the sizes where the method beats RTN.", "",
+             "| precision | " + " | ".join(shown) + " |", "|---|" + "|".join("---" for _ in shown) + "|"]
+    for (setting, fmt), by_method in ratios.items():
+        entries = []
+        for method in shown:
+            values = by_method.get(method, [])
+            if not values:
+                entries.append("–")
+                continue
+            mean = math.exp(sum(math.log(v) for v in values) / len(values))
+            entries.append(f"{mean:.2f} ({sum(v < 1 for v in values)}/{len(values)})")
+        lines.append(f"| {setting}-{fmt} | " + " | ".join(entries) + " |")
+    return lines + [""]
 
 
 def _summary(family: str, cells: Sequence[Cell], wins: dict[str, list[int]]) -> list[str]:

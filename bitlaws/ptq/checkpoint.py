@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Union
 from flax import nnx
 
 from bitlaws.quant import quantized_checkpoint as qc
-from bitlaws.quant.spec import QuantRule
+from bitlaws.quant.spec import QuantRule, rules_from_json, rules_to_json
 
 PathLike = Union[str, pathlib.Path]
 LAYER_ERRORS_FILE = "layer_errors.json"
@@ -99,7 +99,7 @@ class QuantizedCheckpoint:
     @property
     def rules(self) -> list[QuantRule]:
         """The `QuantRule`s the model was quantized with."""
-        return qc.rules_from_json(self.metadata.get("rules", []), self.metadata.get("formats", {}))
+        return rules_from_json(self.metadata.get("rules", []), self.metadata.get("formats", {}))
 
     @property
     def layer_errors(self) -> Optional[dict[str, Any]]:
@@ -159,7 +159,7 @@ def save(model: nnx.Module, directory: PathLike, record: Mapping[str, Any], *, r
         force: Replace an earlier quantized checkpoint.
     """
     _check_kind(record.get("kind"), "model record")
-    fields = {**dict(metadata or {}), "model": _plain(record), "rules": qc.rules_to_json(rules)}
+    fields = {**dict(metadata or {}), "model": _plain(record), "rules": rules_to_json(rules)}
     extra = {} if layer_errors is None else {LAYER_ERRORS_FILE: layer_errors}
     return qc.save_quantized(model, directory, fields, reference=reference, rules=rules, extra_files=extra,
                              force=force)

@@ -58,6 +58,7 @@ from flax import nnx
 from bitlaws import configlib
 from bitlaws.ptq import checkpoint as ptq_checkpoint
 from bitlaws.quant import accounting, methods, quantized_checkpoint, transform
+from bitlaws.quant import spec as spec_lib
 from bitlaws.quant.seam import ActStats
 from bitlaws.quant.spec import QuantRule
 
@@ -131,7 +132,7 @@ def build_rules(config: ml_collections.ConfigDict, default_pattern: Optional[str
 
     explicit = config.get("rules") or ()
     if explicit:
-        return [r if isinstance(r, QuantRule) else quantized_checkpoint.rules_from_json([r])[0] for r in explicit]
+        return [r if isinstance(r, QuantRule) else spec_lib.rules_from_json([r])[0] for r in explicit]
     pattern = config.get("module_path") or default_pattern
     if not pattern:
         raise ValueError("config.module_path is empty and the model has no default pattern; name the layers to "
@@ -224,8 +225,8 @@ def rewritten_reference(model: nnx.Module, run: transform.MethodRun) -> tuple[nn
 def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     record = config.to_dict()
     if record.get("rules"):
-        record["rules"] = quantized_checkpoint.rules_to_json(
-            [r if isinstance(r, QuantRule) else quantized_checkpoint.rules_from_json([r])[0] for r in record["rules"]])
+        record["rules"] = spec_lib.rules_to_json(
+            [r if isinstance(r, QuantRule) else spec_lib.rules_from_json([r])[0] for r in record["rules"]])
     return json.loads(json.dumps(record, default=str))
 
 

@@ -349,6 +349,12 @@ def quantize_dequantize(x: jax.Array, spec: QuantSpec,
 
 @functools.partial(jax.jit, static_argnames=("spec", "axes"))
 def _quantize_dequantize(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    if spec.granularity == "token" and axes == (x.ndim - 1,):
+        return _quantize_dequantize_rows(x, spec)
+    return _quantize_dequantize_view(x, spec, axes)
+
+
+def _quantize_dequantize_view(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     view = to_view(x, axes)
     q, scale, zero, grouped = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
     deq = calibrate.dequantize_grouped(q, scale, zero, spec.format)
@@ -357,6 +363,23 @@ def _quantize_dequantize(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -
     k = view.shape[0]
     return (from_view(deq.reshape(k, -1), x.shape, axes).astype(x.dtype),
             from_view(inside.reshape(k, -1), x.shape, axes))
+
+
+def _quantize_dequantize_rows(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """`_quantize_dequantize` of per-token scales over the last axis of ``x [..., K]``, read in place.
+
+    The reduction view of an activation is ``[K, N]`` (features first), which costs a transpose in and two out.
+    The same numbers come from the grouped view ``[N, K, 1]``, one group of K rows per token, a reshape of ``x``:
+    the calibrator reduces the same K values per token (axis 1 either way) and every other step is elementwise.
+    """
+    k = x.shape[-1]
+    grouped = x.reshape(-1, k, 1)  # [N, K, 1]
+    scale, zero = compute_params(grouped, spec)  # [N, 1, 1]
+    q = calibrate.quantize_grouped(grouped, scale, zero, spec.format)
+    deq = calibrate.dequantize_grouped(q, scale, zero, spec.format)
+    lo, hi = calibrate.clip_bounds(scale, zero, spec.format)
+    inside = (grouped >= lo) & (grouped <= hi)
+    return deq.reshape(x.shape).astype(x.dtype), inside.reshape(x.shape)
 
 
 def fake_quant(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]] = None) -> jax.Array:
@@ -368,5 +391,24 @@ def fake_quant(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int
     """
     x = jnp.asarray(x)
     x_hat, inside = quantize_dequantize(jax.lax.stop_gradient(x), spec, reduce_axes)
-    straight_through = x + jax.lax.stop_gradient(x_hat - x)
-    return jnp.where(inside, straight_through, jax.lax.stop_gradient(x_hat))
+    return _straight_through(x, jax.lax.stop_gradient(x_hat), inside)
+
+
+@jax.custom_jvp
+def _straight_through(x: jax.Array, x_hat: jax.Array, inside: jax.Array) -> jax.Array:
+    """``x_hat``, differentiated as ``x`` where `inside` and as a constant elsewhere (jvp and vjp alike).
+
+    The value is exactly ``x_hat``: no arithmetic on it in the forward pass (inference never computes
+    `inside`). ``x + (x_hat - x)``, the usual trick, gives the same bits for round-to-nearest grids (Sterbenz:
+    ``x_hat`` lies within a factor 2 of ``x`` or is 0) except a -0.0 result turning into +0.0.
+    """
+    del x, inside
+    return x_hat
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    x, x_hat, inside = primals
+    x_dot = tangents[0]
+    # The primal output through the rule itself, so derivatives of any order see the same straight-through.
+    return _straight_through(x, x_hat, inside), jnp.where(inside, x_dot, jnp.zeros_like(x_dot))

@@ -33,8 +33,9 @@ The manifest (``format_version`` 1)::
          "act_qparams": {"scale": {...}, "zero_point": {...} | null} | null}},
      "rewritten_params": ["blocks.0.ada_lin.kernel", ...]}
 
-``SPEC`` is `spec_to_json` of a `QuantSpec` (its format by name; non-integer formats are defined once in the
-top-level ``formats`` table, so a checkpoint with a user `LutFormat` loads where the format is not registered).
+``SPEC`` is `bitlaws.quant.spec.spec_to_json` of a `QuantSpec` (its format by name; non-integer formats are
+defined once in the top-level ``formats`` table, so a checkpoint with a user `LutFormat` loads where the format is
+not registered).
 Every `PackedArray` subclass (`QArray`, GPTVQ's `VQArray`, a user's own) is storable without registration; a
 manifest entry becomes an abstract packed weight in one place, `abstract_packed_weight`.
 """
@@ -56,11 +57,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bitlaws.quant import formats, seam
+from bitlaws.quant import seam
 from bitlaws.quant.layers import ActQParamsVar, InputScale, QuantizedLayer, QWeight
 from bitlaws.quant.qarray import PackedArray
 from bitlaws.quant.seam import ActQParams, LayerQuant
-from bitlaws.quant.spec import QuantRule, QuantSpec
+from bitlaws.quant.spec import (QuantRule, QuantSpec, formats_table, optional_spec_from_json, spec_from_json,
+                                spec_to_json)
 from bitlaws.quant.transform import quant_layers
 
 FORMAT_VERSION = 1
@@ -75,100 +77,7 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ JSON codecs
-def format_to_json(fmt: formats.QFormat) -> dict[str, Any]:
-    """The full definition of a format (enough to rebuild it where it is not registered)."""
-    if isinstance(fmt, formats.IntFormat):
-        return {"type": "IntFormat", "bits": fmt.bits, "signed": fmt.signed}
-    if isinstance(fmt, formats.FpFormat):
-        return {"type": "FpFormat", **dataclasses.asdict(fmt)}
-    if isinstance(fmt, formats.MxFormat):
-        return {"type": "MxFormat", "element": format_to_json(fmt.element), "name": fmt.name,
-                "block_size": fmt.block_size}
-    if isinstance(fmt, formats.LutFormat):
-        return {"type": "LutFormat", "name": fmt.name, "values": list(fmt.values)}
-    raise TypeError(f"cannot serialise format {fmt!r} of type {type(fmt).__name__}")
-
-
-_FORMAT_TYPES = {"IntFormat": formats.IntFormat, "FpFormat": formats.FpFormat, "MxFormat": formats.MxFormat,
-                 "LutFormat": formats.LutFormat}
-
-
-def format_from_json(data: Mapping[str, Any]) -> formats.QFormat:
-    """Inverse of `format_to_json`. Raises ValueError for an unknown type or bad fields."""
-    fields = dict(data)
-    kind = fields.pop("type", None)
-    if kind not in _FORMAT_TYPES:
-        raise ValueError(f"format definition {dict(data)!r}: unknown type {kind!r}; known: {sorted(_FORMAT_TYPES)}")
-    if kind == "MxFormat":
-        fields["element"] = format_from_json(fields["element"])
-    if kind == "LutFormat":
-        fields["values"] = tuple(fields["values"])
-    try:
-        return _FORMAT_TYPES[kind](**fields)
-    except TypeError as e:
-        raise ValueError(f"format definition {dict(data)!r}: {e}") from e
-
-
-def _resolve_format(name: str, table: Mapping[str, Any]) -> formats.QFormat:
-    """The format `name`: from the checkpoint's `table` (checked against a registered format of that name)."""
-    if name not in table:
-        return formats.parse_format(name)
-    stored = format_from_json(table[name])
-    try:
-        registered = formats.parse_format(name)
-    except ValueError:
-        return stored  # not registered here: the stored definition is all there is
-    if registered != stored:
-        raise ValueError(f"format {name!r} is registered here as {registered!r}, but the checkpoint was written "
-                         f"with {stored!r}")
-    return registered
-
-
-def spec_to_json(spec: QuantSpec) -> dict[str, Any]:
-    """Every field of `spec`, the format by name (`formats_table` gives the definitions)."""
-    out = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    out["format"] = spec.format.name
-    return out
-
-
-def spec_from_json(data: Mapping[str, Any], formats_table: Optional[Mapping[str, Any]] = None) -> QuantSpec:
-    """Inverse of `spec_to_json`; raises ValueError naming unknown fields."""
-    fields = dict(data)
-    known = {f.name for f in dataclasses.fields(QuantSpec)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"QuantSpec record has unknown field(s) {unknown}; known: {sorted(known)}")
-    fields["format"] = _resolve_format(fields["format"], formats_table or {})
-    return QuantSpec(**fields)
-
-
-def _optional_spec(data, table):
-    return None if data is None else spec_from_json(data, table)
-
-
-def rules_to_json(rules: Sequence[QuantRule]) -> list[dict[str, Any]]:
-    """``[{"module_path", "weight": SPEC | None, "act": SPEC | None[, "backend": NAME]}, ...]``."""
-    return [{"module_path": r.module_path, "weight": None if r.weight is None else spec_to_json(r.weight),
-             "act": None if r.act is None else spec_to_json(r.act),
-             **({"backend": r.backend} if r.backend is not None else {})} for r in rules]
-
-
-def rules_from_json(data: Sequence[Mapping[str, Any]],
-                    formats_table: Optional[Mapping[str, Any]] = None) -> list[QuantRule]:
-    """Inverse of `rules_to_json`."""
-    return [QuantRule(module_path=r["module_path"], weight=_optional_spec(r.get("weight"), formats_table),
-                      act=_optional_spec(r.get("act"), formats_table), backend=r.get("backend")) for r in data]
-
-
-def formats_table(specs: Sequence[Optional[QuantSpec]]) -> dict[str, Any]:
-    """``{name: definition}`` of the non-integer formats of `specs` (integer formats parse from their name)."""
-    table = {}
-    for spec in specs:
-        if spec is not None and not isinstance(spec.format, formats.IntFormat):
-            table[spec.format.name] = format_to_json(spec.format)
-    return dict(sorted(table.items()))
-
-
+# Formats, specs and rules: `bitlaws.quant.spec`; here the layer and packed-weight records.
 def layer_quant_to_json(quant: LayerQuant) -> dict[str, Any]:
     return {"mode": quant.mode, "weight": None if quant.weight is None else spec_to_json(quant.weight),
             "act": None if quant.act is None else spec_to_json(quant.act), "backend": quant.backend,
@@ -176,8 +85,8 @@ def layer_quant_to_json(quant: LayerQuant) -> dict[str, Any]:
 
 
 def layer_quant_from_json(data: Mapping[str, Any], formats_table: Optional[Mapping[str, Any]] = None) -> LayerQuant:
-    return LayerQuant(mode=data["mode"], weight=_optional_spec(data.get("weight"), formats_table),
-                      act=_optional_spec(data.get("act"), formats_table), backend=data.get("backend", "xla"),
+    return LayerQuant(mode=data["mode"], weight=optional_spec_from_json(data.get("weight"), formats_table),
+                      act=optional_spec_from_json(data.get("act"), formats_table), backend=data.get("backend", "xla"),
                       record_hessian=bool(data.get("record_hessian", False)))
 
 

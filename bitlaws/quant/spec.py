@@ -14,13 +14,16 @@ granularity    one scale per                               typical use
 ``token``      column of the view (token), activations     dynamic activations
 ``group``      ``group_size`` consecutive rows of a column  weights (g128), MX blocks
 =============  ==========================================  ==========================
+
+JSON codecs (`spec_to_json`, `rules_to_json`, `format_to_json` and inverses) store specs and rules in quantized
+checkpoints and result records; a format is stored by name, non-integer ones also by definition (`formats_table`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from bitlaws.quant import formats
 
@@ -170,3 +173,101 @@ class QuantRule:
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.module_path, path) is not None
+
+
+# ------------------------------------------------------------------------------------------ JSON codecs
+# How quantized checkpoints and result records store formats, specs and rules (`bitlaws.quant.quantized_checkpoint`).
+def format_to_json(fmt: formats.QFormat) -> dict[str, Any]:
+    """The full definition of a format (enough to rebuild it where it is not registered)."""
+    if isinstance(fmt, formats.IntFormat):
+        return {"type": "IntFormat", "bits": fmt.bits, "signed": fmt.signed}
+    if isinstance(fmt, formats.FpFormat):
+        return {"type": "FpFormat", **dataclasses.asdict(fmt)}
+    if isinstance(fmt, formats.MxFormat):
+        return {"type": "MxFormat", "element": format_to_json(fmt.element), "name": fmt.name,
+                "block_size": fmt.block_size}
+    if isinstance(fmt, formats.LutFormat):
+        return {"type": "LutFormat", "name": fmt.name, "values": list(fmt.values)}
+    raise TypeError(f"cannot serialise format {fmt!r} of type {type(fmt).__name__}")
+
+
+_FORMAT_TYPES = {"IntFormat": formats.IntFormat, "FpFormat": formats.FpFormat, "MxFormat": formats.MxFormat,
+                 "LutFormat": formats.LutFormat}
+
+
+def format_from_json(data: Mapping[str, Any]) -> formats.QFormat:
+    """Inverse of `format_to_json`. Raises ValueError for an unknown type or bad fields."""
+    fields = dict(data)
+    kind = fields.pop("type", None)
+    if kind not in _FORMAT_TYPES:
+        raise ValueError(f"format definition {dict(data)!r}: unknown type {kind!r}; known: {sorted(_FORMAT_TYPES)}")
+    if kind == "MxFormat":
+        fields["element"] = format_from_json(fields["element"])
+    if kind == "LutFormat":
+        fields["values"] = tuple(fields["values"])
+    try:
+        return _FORMAT_TYPES[kind](**fields)
+    except TypeError as e:
+        raise ValueError(f"format definition {dict(data)!r}: {e}") from e
+
+
+def _resolve_format(name: str, table: Mapping[str, Any]) -> formats.QFormat:
+    """The format `name`: from the checkpoint's `table` (checked against a registered format of that name)."""
+    if name not in table:
+        return formats.parse_format(name)
+    stored = format_from_json(table[name])
+    try:
+        registered = formats.parse_format(name)
+    except ValueError:
+        return stored  # not registered here: the stored definition is all there is
+    if registered != stored:
+        raise ValueError(f"format {name!r} is registered here as {registered!r}, but the checkpoint was written "
+                         f"with {stored!r}")
+    return registered
+
+
+def spec_to_json(spec: QuantSpec) -> dict[str, Any]:
+    """Every field of `spec`, the format by name (`formats_table` gives the definitions)."""
+    out = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    out["format"] = spec.format.name
+    return out
+
+
+def spec_from_json(data: Mapping[str, Any], formats_table: Optional[Mapping[str, Any]] = None) -> QuantSpec:
+    """Inverse of `spec_to_json`; raises ValueError naming unknown fields."""
+    fields = dict(data)
+    known = {f.name for f in dataclasses.fields(QuantSpec)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"QuantSpec record has unknown field(s) {unknown}; known: {sorted(known)}")
+    fields["format"] = _resolve_format(fields["format"], formats_table or {})
+    return QuantSpec(**fields)
+
+
+def optional_spec_from_json(data: Optional[Mapping[str, Any]],
+                            formats_table: Optional[Mapping[str, Any]] = None) -> Optional[QuantSpec]:
+    """`spec_from_json`, or None for a None record (a rule or layer without that spec)."""
+    return None if data is None else spec_from_json(data, formats_table)
+
+
+def rules_to_json(rules: Sequence[QuantRule]) -> list[dict[str, Any]]:
+    """``[{"module_path", "weight": SPEC | None, "act": SPEC | None[, "backend": NAME]}, ...]``."""
+    return [{"module_path": r.module_path, "weight": None if r.weight is None else spec_to_json(r.weight),
+             "act": None if r.act is None else spec_to_json(r.act),
+             **({"backend": r.backend} if r.backend is not None else {})} for r in rules]
+
+
+def rules_from_json(data: Sequence[Mapping[str, Any]],
+                    formats_table: Optional[Mapping[str, Any]] = None) -> list[QuantRule]:
+    """Inverse of `rules_to_json`."""
+    return [QuantRule(module_path=r["module_path"], weight=optional_spec_from_json(r.get("weight"), formats_table),
+                      act=optional_spec_from_json(r.get("act"), formats_table), backend=r.get("backend")) for r in data]
+
+
+def formats_table(specs: Sequence[Optional[QuantSpec]]) -> dict[str, Any]:
+    """``{name: definition}`` of the non-integer formats of `specs` (integer formats parse from their name)."""
+    table = {}
+    for spec in specs:
+        if spec is not None and not isinstance(spec.format, formats.IntFormat):
+            table[spec.format.name] = format_to_json(spec.format)
+    return dict(sorted(table.items()))

@@ -54,7 +54,7 @@ REQUIRED_METRICS = ("fid", "mt_bits", "ct_bits")
 # add dotted paths in ``config.runtime_fields``.
 RUNTIME_FIELDS = frozenset({"stop_on_error", "sleep_s", "progress", "runtime_fields", "description", "out_dir",
                             "config_file", "compilation_cache"})
-# ``config.compilation_cache`` default: JAX's persistent compilation cache in this folder of the sweep's output.
+# ``config.compilation_cache = True``: JAX's persistent compilation cache in this folder of the sweep's output.
 COMPILATION_CACHE_DIR = "xla_cache"
 
 EvaluateFn = Callable[[Cell], Mapping[str, Any]]
@@ -355,36 +355,32 @@ def with_out_dir(config: ml_collections.ConfigDict, out: pathlib.Path) -> ml_col
 def use_compilation_cache(config: ml_collections.ConfigDict, *, default: bool = True) -> Optional[pathlib.Path]:
     """Turns on JAX's persistent compilation cache for this process as ``config.compilation_cache`` says.
 
-    ``True``: ``<out_dir>/xla_cache``; a path: that folder; ``False``: off; absent: `default`. Worker processes
-    (``--workers N``, fresh processes) use it by default; the in-process runner only when the config asks,
-    since the setting is global to a process and JAX reads it once (a test or notebook keeps its own). Every
-    program compiled in the sweep is stored there and reused wherever the same program is compiled again - by
-    the other worker, after an evaluator's ``jax.clear_caches()``, by a resumed sweep, or by cells whose
-    Python-level jit caches miss although XLA receives the same program (e.g. the QAT steps of the different
-    losses, `bitlaws.qat.qat`). A hit replaces XLA's compilation by reading the executable back, so records
-    do not change; the folder can be deleted at any time.
+    ``True``: ``<out_dir>/xla_cache``; a path: that folder; ``False``: off; absent: when `default`, the user's
+    cache folder (`bitlaws.compile_cache.default_dir`: ``~/.cache/bitlaws/xla`` unless
+    ``BITLAWS_COMPILATION_CACHE`` says otherwise), else untouched. Worker processes (``--workers N``, fresh
+    processes) use the default; the in-process runner only acts when the config asks, since the setting is
+    global to a process and JAX reads it once (the `bitlaws` command has already turned on the user's cache; a
+    test or notebook keeps its own). Every program compiled in the sweep is stored there and reused wherever the
+    same program is compiled again - by the other worker, by the next sweep or resumed sweep, after an
+    evaluator's ``jax.clear_caches()``, or by cells whose Python-level jit caches miss although XLA receives the
+    same program (e.g. the QAT steps of the different losses, `bitlaws.qat.qat`). A hit replaces XLA's
+    compilation by reading the executable back, so records do not change; the folder can be deleted at any time.
 
     Returns:
         The cache folder, or None when off.
     """
-    import jax  # pylint: disable=g-import-not-at-top  (the runner itself does not need JAX)
+    from bitlaws import compile_cache  # pylint: disable=g-import-not-at-top
 
     setting = config.get("compilation_cache", None)
     if setting is None:
-        setting = default
+        return compile_cache.enable() if default else None
     if setting is False:
         return None
     if setting is True:
         if not config.get("out_dir", None):
             return None
-        folder = pathlib.Path(config.out_dir) / COMPILATION_CACHE_DIR
-    else:
-        folder = pathlib.Path(str(setting)).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small programs add up too
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder
+        return compile_cache.enable(pathlib.Path(config.out_dir) / COMPILATION_CACHE_DIR)
+    return compile_cache.enable(str(setting))
 
 
 def run_sweep(config: ml_collections.ConfigDict, out_dir: Union[str, os.PathLike], *, progress: bool = True,

@@ -36,6 +36,29 @@ def test_tables_bold_the_best_and_count_wins_over_rtn():
     assert "Bit-level verdict on MT per method" in text
 
 
+def test_ratio_table_gives_the_geometric_mean_ratio_to_rtn_per_precision():
+    rows = _rows()
+    rows[-1] = dict(rows[-1], fid=float("nan"))  # dit-d8 W3A16 'worse': not finite, left out of the ratio
+    lines = methods_report.method_tables(fit.cells_from_rows(rows), "FID")
+    by = {(r["model"], r["setting"], r["method"]): r["fid"] for r in rows}
+    first_dit = next(i for i, line in enumerate(lines) if line == "### DiT")
+    for family, part in (("var", lines[:first_dit]), ("dit", lines[first_dit:])):
+        assert any(line.startswith("Relative to RTN: geometric mean") for line in part)
+        for setting in ("W4A16", "W3A16"):
+            row = next(line for line in part if line.startswith(f"| {setting}-int |")).split("|")[2:4]
+            for method, entry in zip(("gptq", "worse"), row):
+                ratios = [by[(f"{family}-{d}", setting, method)] / by[(f"{family}-{d}", setting, "rtn")]
+                          for d in SIZES if by[(f"{family}-{d}", setting, method)] == by[(f"{family}-{d}", setting,
+                                                                                              method)]]
+                mean = 1.0
+                for r in ratios:
+                    mean *= r ** (1 / len(ratios))
+                wins = sum(r < 1 for r in ratios)
+                assert entry.strip() == f"{mean:.2f} ({wins}/{len(ratios)})", (family, setting, method, entry)
+    dit_w3 = next(line for line in lines[first_dit:] if line.startswith("| W3A16-int |"))
+    assert dit_w3.split("|")[3].strip().endswith("(0/2)")  # the NaN cell is not counted
+
+
 def test_single_method_sweeps_get_no_method_section(tmp_path):
     rows = [r for r in _rows() if r["method"] in ("rtn", "none")]
     assert methods_report.method_tables(fit.cells_from_rows(rows), "FID") == []

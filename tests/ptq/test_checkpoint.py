@@ -20,6 +20,7 @@ import bitlaws
 from bitlaws import checkpoint
 from bitlaws.ptq import checkpoint as ptq_checkpoint
 from bitlaws.ptq import gptvq_core, run
+from bitlaws.quant import spec as spec_lib
 from bitlaws.port.convert import KINDS
 from bitlaws.models.common import random_model
 from bitlaws.quant import (CalibrationData, LutFormat, QuantRule, QuantSpec, apply_method, quantized_checkpoint as qc,
@@ -151,30 +152,30 @@ def test_spec_json_round_trip_every_format_kind():
     specs = [QuantSpec(format="uint3", granularity="group", group_size=32, calibrator="mse"),
              QuantSpec(format="fp8_e5m2", granularity="token"), QuantSpec(format="mxfp6"), QuantSpec(format="nf4"),
              QuantSpec(format="int8", granularity="tensor", static=True, scale_dtype="bfloat16")]
-    table = json.loads(json.dumps(qc.formats_table(specs)))
+    table = json.loads(json.dumps(spec_lib.formats_table(specs)))
     for spec in specs:
-        assert qc.spec_from_json(json.loads(json.dumps(qc.spec_to_json(spec))), table) == spec
+        assert spec_lib.spec_from_json(json.loads(json.dumps(spec_lib.spec_to_json(spec))), table) == spec
     assert set(table) == {"fp8_e5m2", "mxfp6", "nf4"}  # integer formats parse from their names
 
 
 def test_unregistered_lookup_table_format_loads_from_the_checkpoints_table():
     fmt = LutFormat("tst3-unregistered", (-1.0, -0.5, -0.25, 0.0, 0.125, 0.25, 0.5, 1.0))
     spec = QuantSpec(format=fmt, granularity="channel")
-    table = qc.formats_table([spec])
-    assert qc.spec_from_json(qc.spec_to_json(spec), table) == spec
+    table = spec_lib.formats_table([spec])
+    assert spec_lib.spec_from_json(spec_lib.spec_to_json(spec), table) == spec
     with pytest.raises(ValueError, match="unknown quantization format"):
-        qc.spec_from_json(qc.spec_to_json(spec))  # no table, not registered
+        spec_lib.spec_from_json(spec_lib.spec_to_json(spec))  # no table, not registered
     table["tst3-unregistered"]["values"][-1] = 2.0
-    assert qc.spec_from_json(qc.spec_to_json(spec), table) != spec
+    assert spec_lib.spec_from_json(spec_lib.spec_to_json(spec), table) != spec
     with pytest.raises(ValueError, match="unknown field"):
-        qc.spec_from_json({**qc.spec_to_json(spec), "bits": 3}, table)
+        spec_lib.spec_from_json({**spec_lib.spec_to_json(spec), "bits": 3}, table)
 
 
 def test_nf4_registered_differently_is_refused():
-    table = qc.formats_table([QuantSpec(format="nf4")])
+    table = spec_lib.formats_table([QuantSpec(format="nf4")])
     table["nf4"]["values"][0] = -0.9
     with pytest.raises(ValueError, match="registered here"):
-        qc.spec_from_json({"format": "nf4"}, table)
+        spec_lib.spec_from_json({"format": "nf4"}, table)
 
 
 def test_vq_array_manifest_entry_gives_its_abstract_twin():

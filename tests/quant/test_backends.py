@@ -9,7 +9,7 @@ from flax import nnx
 from bitlaws.quant import QuantRule, QuantSpec, backends, seam, transform
 from bitlaws.quant.layers import QLinear
 from bitlaws.quant.qarray import quantize
-from bitlaws.quant.quantized_checkpoint import rules_from_json, rules_to_json
+from bitlaws.quant.spec import rules_from_json, rules_to_json
 
 
 @pytest.mark.parametrize("geometry", [

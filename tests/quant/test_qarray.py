@@ -152,6 +152,35 @@ def test_reduce_axes_for_activations_and_convs():
     assert dequantize(conv).shape == kernel.shape
 
 
+@pytest.mark.parametrize("spec", [
+    QuantSpec(format="int8", granularity="token", scale_dtype="float32"),
+    QuantSpec(format="int8", granularity="token"),  # float16 scales: one shared storage exponent per call
+    QuantSpec(format="uint4", granularity="token", scale_dtype="bfloat16"),
+    QuantSpec(format="fp8_e4m3", granularity="token", scale_dtype="float32"),
+    QuantSpec(format="fp4_e2m1", granularity="token"),
+    QuantSpec(format="int4", granularity="token", calibrator="percentile", percentile=90.0),
+    QuantSpec(format="int4", granularity="token", calibrator="mse"),
+], ids=lambda spec: spec.short() + "/" + spec.scale_dtype)
+def test_per_token_rows_path_equals_the_reduction_view_bit_for_bit(spec):
+    """Per-token activation scales are computed on [N, K, 1] in place; the [K, N] view must give the same bits."""
+    x = np.asarray(jax.random.normal(jax.random.key(5), (3, 7, 48)), np.float32) * 3.0
+    x[0, 0] = 0.0  # an all-zero token
+    x[0, 1, 5] = 1e4  # an outlier
+    x[0, 2] *= 1e-30  # tiny (subnormal-scale) values
+    x[1, 3, 7] = np.nan  # a non-finite value: its token gets NaN, the others not
+    x[1, 4, 0] = -np.inf
+    x[2, 5] = 2.0 ** 100  # huge, constant
+    x = jnp.asarray(x)
+    fast = qarray._quantize_dequantize(x, spec, (2,))
+    view = qarray._quantize_dequantize_view(x, spec, (2,))
+    for a, b in zip(fast, view):
+        assert a.shape == b.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x_hat = np.asarray(fast[0])
+    assert np.isnan(x_hat[1, 3]).all() and np.isnan(x_hat[1, 4]).all() and np.isfinite(x_hat[2]).all()
+    np.testing.assert_array_equal(x_hat[0, 0], 0.0)
+
+
 def test_group_size_must_divide_axis():
     spec = QuantSpec(format="int4", granularity="group", group_size=100)
     with pytest.raises(ValueError, match="group_size"):
@@ -167,6 +196,12 @@ def test_fake_quant_straight_through_gradient():
     assert 0 < (~inside).sum() < inside.size  # the percentile clip leaves some values outside
     np.testing.assert_array_equal(grad[inside], 2.0)
     np.testing.assert_array_equal(grad[~inside], 0.0)
+    # Forward mode too: the value is dequantize(quantize(x)), the tangent passes inside the range only.
+    value, tangent = jax.jvp(lambda v: fake_quant(v, spec), (x,), (jnp.full_like(x, 3.0),))
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(qarray.quantize_dequantize(x, spec)[0]))
+    np.testing.assert_array_equal(np.asarray(tangent), np.where(inside, 3.0, 0.0))
+    second = jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(fake_quant(u, spec) ** 2))(v)))(x)
+    np.testing.assert_array_equal(np.asarray(second), np.where(inside, 2.0, 0.0))  # d/dx (2 x_hat * mask)
 
 
 def test_minmax_unsigned_matches_paper_equations():

@@ -205,19 +205,27 @@ def test_toy_pre_check_names_the_layers_a_group_size_cannot_split():
 
 def test_compilation_cache_is_per_sweep_folder_and_off_in_process_by_default(tmp_path):
     """Run in a fresh interpreter: the setting is global to a process (and JAX reads it once)."""
+    import os  # pylint: disable=g-import-not-at-top
     import subprocess  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
 
+    user = tmp_path / "user_cache"
     script = f"""
 import jax, jax.numpy as jnp, ml_collections
 from bitlaws.sweep import runner
 config = ml_collections.ConfigDict({{"out_dir": {str(tmp_path)!r}}})
 assert runner.use_compilation_cache(config, default=False) is None
 assert runner.use_compilation_cache(ml_collections.ConfigDict({{"out_dir": "x", "compilation_cache": False}})) is None
+print(runner.use_compilation_cache(config))
+config.compilation_cache = True
 folder = runner.use_compilation_cache(config)
 jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()
 print(folder, len(list(folder.iterdir())))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert out[0] == str(tmp_path / runner.COMPILATION_CACHE_DIR) and int(out[1]) >= 1
+    env = dict(os.environ, BITLAWS_COMPILATION_CACHE=str(user))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
+    assert out[0] == str(user)  # absent: the user's cache folder (BITLAWS_COMPILATION_CACHE)
+    assert out[1] == str(tmp_path / runner.COMPILATION_CACHE_DIR) and int(out[2]) >= 1  # True: the sweep's folder
     assert "compilation_cache" in runner.RUNTIME_FIELDS  # turning it on or off does not block a resume
