@@ -30,6 +30,7 @@ def pytest_configure(config):
         os.environ["BITLAWS_COMPILATION_CACHE"] = folder
         os.environ[_OWNED] = str(os.getpid())
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", _MIN_COMPILE_SECS)
+    os.environ.setdefault("BITLAWS_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])  # a caller's own dir
     import jax  # pylint: disable=g-import-not-at-top  (after the environment is set)
 
     # JAX read the environment when first imported; an earlier import (a plugin) would have missed it.
