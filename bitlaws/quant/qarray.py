@@ -255,12 +255,10 @@ def _decode(values: jax.Array, fmt: formats.QFormat, k: int) -> jax.Array:
     return jnp.asarray(table)[codes]
 
 
-def _qdq_view(v: jax.Array, spec: QuantSpec, what: str):
-    """Quantizes a ``[K, N]`` view. Returns (grid values, dequantized, scale, zero), grouped-shaped."""
-    grouped = group_view(v, spec, what)
+def _qdq_grouped(grouped: jax.Array, spec: QuantSpec):
+    """Quantizes a grouped view ``[G, L, C]``. Returns (grid values ``[G, L, C]``, scale, zero ``[G, 1, C]``)."""
     scale, zero = compute_params(grouped, spec)
-    q = calibrate.quantize_grouped(grouped, scale, zero, spec.format)
-    return q, scale, zero, grouped
+    return calibrate.quantize_grouped(grouped, scale, zero, spec.format), scale, zero
 
 
 def quantize(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]] = None) -> QArray:
@@ -290,7 +288,7 @@ def quantize(x: jax.Array, spec: QuantSpec, reduce_axes: Optional[Sequence[int]]
 @functools.partial(jax.jit, static_argnames=("spec", "axes"))
 def _quantize(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -> QArray:
     view = to_view(x, axes)
-    q, scale, zero, _ = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
+    q, scale, zero = _qdq_grouped(group_view(view, spec, f"a tensor of shape {x.shape}"), spec)
     squeeze = lambda a: None if a is None else a.reshape(a.shape[0], a.shape[2])  # noqa: E731
     return from_grid(q.reshape(view.shape[0], -1), squeeze(scale), squeeze(zero), spec, shape=tuple(x.shape),
                      reduce_axes=axes, dtype=jnp.dtype(x.dtype).name)
@@ -354,12 +352,16 @@ def _quantize_dequantize(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -
     return _quantize_dequantize_view(x, spec, axes)
 
 
+def _dequantized_and_inside(grouped: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Quantize-dequantize of a grouped view ``[G, L, C]``: ``(x_hat, inside)`` in that shape."""
+    q, scale, zero = _qdq_grouped(grouped, spec)
+    lo, hi = calibrate.clip_bounds(scale, zero, spec.format)
+    return calibrate.dequantize_grouped(q, scale, zero, spec.format), (grouped >= lo) & (grouped <= hi)
+
+
 def _quantize_dequantize_view(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     view = to_view(x, axes)
-    q, scale, zero, grouped = _qdq_view(view, spec, f"a tensor of shape {x.shape}")
-    deq = calibrate.dequantize_grouped(q, scale, zero, spec.format)
-    lo, hi = calibrate.clip_bounds(scale, zero, spec.format)
-    inside = (grouped >= lo) & (grouped <= hi)
+    deq, inside = _dequantized_and_inside(group_view(view, spec, f"a tensor of shape {x.shape}"), spec)
     k = view.shape[0]
     return (from_view(deq.reshape(k, -1), x.shape, axes).astype(x.dtype),
             from_view(inside.reshape(k, -1), x.shape, axes))
@@ -372,13 +374,7 @@ def _quantize_dequantize_rows(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array,
     The same numbers come from the grouped view ``[N, K, 1]``, one group of K rows per token, a reshape of ``x``:
     the calibrator reduces the same K values per token (axis 1 either way) and every other step is elementwise.
     """
-    k = x.shape[-1]
-    grouped = x.reshape(-1, k, 1)  # [N, K, 1]
-    scale, zero = compute_params(grouped, spec)  # [N, 1, 1]
-    q = calibrate.quantize_grouped(grouped, scale, zero, spec.format)
-    deq = calibrate.dequantize_grouped(q, scale, zero, spec.format)
-    lo, hi = calibrate.clip_bounds(scale, zero, spec.format)
-    inside = (grouped >= lo) & (grouped <= hi)
+    deq, inside = _dequantized_and_inside(x.reshape(-1, x.shape[-1], 1), spec)  # [N, K, 1], scales [N, 1, 1]
     return deq.reshape(x.shape).astype(x.dtype), inside.reshape(x.shape)
 
 
