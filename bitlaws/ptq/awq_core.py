@@ -42,7 +42,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from bitlaws.quant import qarray
+from bitlaws.quant import methods, qarray
 from bitlaws.quant.spec import QuantSpec
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -96,13 +96,15 @@ def scaled_fake_quant(w: jax.Array, s: jax.Array, spec: QuantSpec) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_grid"))
-def _search_scales(w, act_mean_abs, hessian, x, spec, n_grid):
+def _search_scales(w, act_mean_abs, hessian, x, column_mask, spec, n_grid):
     alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid  # [A]
     w_view = _view(w)
 
     def error(alpha):
         s = scale_candidates(act_mean_abs, alpha)
         dw = _view(scaled_fake_quant(w, s, spec)) - w_view
+        if column_mask is not None:  # padded columns add exact zeros to the error
+            dw = jnp.where(column_mask[None, :], dw, 0.0)
         return output_error(dw, hessian=hessian, x=x)
 
     errors = jax.lax.map(error, alphas)  # [A]
@@ -136,7 +138,14 @@ def search_scales(w: jax.Array, spec: QuantSpec, *, act_mean_abs: jax.Array, hes
     if not isinstance(n_grid, int) or n_grid < 1:
         raise ValueError(f"awq search_scales: n_grid must be a positive integer, got {n_grid!r}")
     spec.check_axis(math.prod(w.shape[:-1]), f"a kernel of shape {tuple(w.shape)}")
-    return _search_scales(w, act_mean_abs, hessian, x, spec, n_grid)
+    # One compiled program per input size: the output columns are padded as in `methods.rtn_kernel` (the
+    # quantization of a column does not see the others) and masked out of the error.
+    columns = w.shape[-1]
+    padded = methods.padded_columns(w, spec)
+    mask = None
+    if padded != columns:
+        w, mask = methods.repeat_last_column(w, padded), jnp.arange(padded) < columns
+    return _search_scales(w, act_mean_abs, hessian, x, mask, spec, n_grid)
 
 
 # ------------------------------------------------------------------------------------------------ clipping

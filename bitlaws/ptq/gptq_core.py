@@ -45,7 +45,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bitlaws.quant import calibrate, formats, qarray
+from bitlaws.quant import calibrate, formats, methods, qarray
 from bitlaws.quant.spec import QuantSpec
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -295,10 +295,20 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_
 
     Returns:
         The `QArray`; ``qarray.dequantize`` of it equals ``gptq(...).deq`` reshaped to ``w.shape``.
+
+    Output columns are independent in GPTQ (the error feedback of column n only moves column n), so, like
+    `bitlaws.quant.methods.rtn_kernel`, the kernel is quantized with its output axis padded by repeating the
+    last column (`methods.padded_columns`) and cut back: kernels sharing an input size share one compiled
+    program per spec, and the `QArray` is the same as without padding.
     """
+    shape = tuple(jnp.shape(w))
+    dtype = jnp.dtype(jnp.asarray(w).dtype).name
+    padded = methods.padded_columns(jnp.asarray(w), spec)
+    if padded != shape[-1]:
+        w = methods.repeat_last_column(jnp.asarray(w), padded)
     result = gptq(w, hessian, spec, block_size=block_size, damp=damp, act_order=act_order)
-    return _from_grid(result.q, result.scale, result.zero, spec, shape=tuple(jnp.shape(w)),
-                      dtype=jnp.dtype(jnp.asarray(w).dtype).name)
+    qa = _from_grid(result.q, result.scale, result.zero, spec, shape=(*shape[:-1], padded), dtype=dtype)
+    return qa if padded == shape[-1] else methods.first_columns(qa, shape)
 
 
 # Packing compiled as one program (op-by-op dispatch of the encoders costs more than the compilation).

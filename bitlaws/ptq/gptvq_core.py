@@ -502,16 +502,27 @@ def gptvq(w: jax.Array, hessian: jax.Array, *, bits_per_dim: int, dim: int = 2, 
     Returns:
         A `GptvqResult`.
     """
+    view, args, layout = _arguments(w, hessian, bits_per_dim=bits_per_dim, dim=dim, group_size=group_size,
+                                    group_cols=group_cols, em_iters=em_iters, codebook_update=codebook_update,
+                                    update_iters=update_iters, block_size=block_size, damp=damp, seed=seed,
+                                    init=init, metric=metric, codebook_dtype=codebook_dtype)
+    return _gptvq_view(view, *args, **layout)
+
+
+def _arguments(w, hessian, *, bits_per_dim, dim, group_size, group_cols, em_iters, codebook_update, update_iters,
+               block_size, damp, seed, init, metric, codebook_dtype):
+    """Validates; returns ``(view [K, N], traced arguments, static layout)`` of `_gptvq_view`."""
     view = gptq_core.kernel_view(w)
     k, n = view.shape
     hessian = gptq_core.check_hessian(hessian, k)
     index_bits, group_cols, block = _layout(k, n, bits_per_dim, dim, group_size, group_cols, block_size)
     check_options(em_iters=em_iters, update_iters=update_iters, damp=damp, init=init, metric=metric,
                   codebook_dtype=codebook_dtype)
-    return _gptvq_view(view, hessian, jnp.float32(damp), jnp.int32(seed), jnp.int32(em_iters),
-                       jnp.int32(update_iters if codebook_update else 0), jnp.bool_(codebook_dtype == "float16"),
-                       dim=dim, group_size=group_size, group_cols=group_cols, index_bits=index_bits,
-                       block_size=block, init=init, metric=metric)
+    args = (hessian, jnp.float32(damp), jnp.int32(seed), jnp.int32(em_iters),
+            jnp.int32(update_iters if codebook_update else 0), jnp.bool_(codebook_dtype == "float16"))
+    layout = dict(dim=dim, group_size=group_size, group_cols=group_cols, index_bits=index_bits, block_size=block,
+                  init=init, metric=metric)
+    return view, args, layout
 
 
 def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits_per_dim: int, dim: int = 2, group_size: int = 256,
@@ -543,18 +554,26 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits_per_dim: int, dim:
     Returns:
         The `VQArray`; ``dequantize_vq`` of it equals ``gptvq(...).deq`` reshaped to ``w.shape``.
     """
-    result = gptvq(w, hessian, bits_per_dim=bits_per_dim, dim=dim, group_size=group_size, group_cols=group_cols,
-                   em_iters=em_iters, codebook_update=codebook_update, update_iters=update_iters,
-                   block_size=block_size, damp=damp, seed=seed, init=init, metric=metric,
-                   codebook_dtype=codebook_dtype)
-    shape = tuple(jnp.shape(w))
+    view, args, layout = _arguments(w, hessian, bits_per_dim=bits_per_dim, dim=dim, group_size=group_size,
+                                    group_cols=group_cols, em_iters=em_iters, codebook_update=codebook_update,
+                                    update_iters=update_iters, block_size=block_size, damp=damp, seed=seed,
+                                    init=init, metric=metric, codebook_dtype=codebook_dtype)
+    return _quantize_view(view, *args, **layout, shape=tuple(jnp.shape(w)),
+                          dtype=jnp.dtype(jnp.asarray(w).dtype).name, codebook_dtype=codebook_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "group_size", "group_cols", "index_bits", "block_size", "init",
+                                             "metric", "shape", "dtype", "codebook_dtype"))
+def _quantize_view(w, hessian, damp, seed, em_iters, update_iters, float16, *, dim, group_size, group_cols,
+                   index_bits, block_size, init, metric, shape, dtype, codebook_dtype) -> VQArray:
+    """`_gptvq_view` and the packing in one compiled program (one compilation per kernel shape, not two)."""
+    result = _gptvq_view(w, hessian, damp, seed, em_iters, update_iters, float16, dim=dim, group_size=group_size,
+                         group_cols=group_cols, index_bits=index_bits, block_size=block_size, init=init,
+                         metric=metric)
     return _pack(result.indices, result.codebooks, shape=shape, dim=dim, group_size=group_size,
-                 group_cols=shape[-1] if group_cols is None else group_cols, index_bits=bits_per_dim * dim,
-                 dtype=jnp.dtype(jnp.asarray(w).dtype).name, codebook_dtype=codebook_dtype)
+                 group_cols=group_cols, index_bits=index_bits, dtype=dtype, codebook_dtype=codebook_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dim", "group_size", "group_cols", "index_bits", "dtype",
-                                             "codebook_dtype"))
 def _pack(indices, codebooks, *, shape, dim, group_size, group_cols, index_bits, dtype, codebook_dtype) -> VQArray:
     stored, exp = encode_codebooks(codebooks, codebook_dtype)
     return VQArray(indices=packing.pack_bits(indices.astype(jnp.uint8), index_bits, axis=0), codebooks=stored,

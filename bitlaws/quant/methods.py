@@ -254,11 +254,12 @@ def register_weight_method(name: str, *, needs_stats: bool = False, needs_hessia
     return wrap
 
 
-# RTN compiles one program per (kernel shape, spec); a model has a handful of kernel shapes and a sweep
-# several specs, and each program costs ~0.5-1 s of XLA:CPU compilation for microseconds of work. Kernels are
-# therefore quantized with their output axis padded to a multiple of this many columns (by repeating the last
-# column), so the kernels of a model that share an input size share one program per spec.
-RTN_COLUMN_BLOCK = 1024
+# RTN and GPTQ compile one program per (kernel shape, spec); a model has a handful of kernel shapes and a sweep
+# several specs, and each program costs ~0.5-2 s of XLA:CPU compilation for microseconds to milliseconds of work.
+# Kernels are therefore quantized with their output axis padded to a multiple of this many columns (by repeating
+# the last column), so the kernels of a model that share an input size share one program per spec.
+COLUMN_BLOCK = 1024
+RTN_COLUMN_BLOCK = COLUMN_BLOCK  # the name earlier releases exported
 
 
 def columns_are_independent(spec: QuantSpec) -> bool:
@@ -271,20 +272,29 @@ def columns_are_independent(spec: QuantSpec) -> bool:
     return spec.granularity != "tensor" or spec.calibrator in ("minmax", "absmax")
 
 
+def padded_columns(kernel: jax.Array, spec: QuantSpec) -> int:
+    """The output width `kernel` ``[..., N]`` is quantized at: N rounded up to `COLUMN_BLOCK`, or N itself when
+    padding could change the result (`columns_are_independent`) or the kernel has fewer than 2 axes."""
+    columns = int(kernel.shape[-1])
+    if kernel.ndim < 2 or not columns_are_independent(spec):
+        return columns
+    return -(-columns // COLUMN_BLOCK) * COLUMN_BLOCK
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _rtn_jit(kernel: jax.Array, spec: QuantSpec) -> qarray.QArray:
     return qarray.quantize(kernel, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("columns",))
-def _repeat_last_column(kernel: jax.Array, columns: int) -> jax.Array:
-    """``[..., N] -> [..., columns]``: the last column repeated."""
+def repeat_last_column(kernel: jax.Array, columns: int) -> jax.Array:
+    """``[..., N] -> [..., columns]``: the last column repeated (``columns >= N``)."""
     pad = [(0, 0)] * (kernel.ndim - 1) + [(0, columns - kernel.shape[-1])]
     return jax.numpy.pad(kernel, pad, mode="edge")
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
-def _first_columns(qa: qarray.QArray, shape: tuple[int, ...]) -> qarray.QArray:
+def first_columns(qa: qarray.QArray, shape: tuple[int, ...]) -> qarray.QArray:
     """The `QArray` of the tensor's first ``shape[-1]`` output columns (a column-padded `QArray` cut back)."""
     n = shape[-1]
     cut = lambda a: None if a is None else a[:, :n]  # noqa: E731  ([K or G, N] arrays; scale_exp is 0-d)
@@ -294,15 +304,13 @@ def _first_columns(qa: qarray.QArray, shape: tuple[int, ...]) -> qarray.QArray:
 
 def rtn_kernel(kernel: jax.Array, spec: QuantSpec) -> qarray.QArray:
     """`qarray.quantize(kernel, spec)` (kernel convention: every axis but the last reduced), with one compiled
-    program per (spec, input shape, output columns rounded up to `RTN_COLUMN_BLOCK`): bit for bit the same
-    `QArray`."""
+    program per (spec, input shape, `padded_columns`): bit for bit the same `QArray`."""
     qarray.check_tensor(kernel, "kernel")
-    columns = kernel.shape[-1]
-    padded = -(-columns // RTN_COLUMN_BLOCK) * RTN_COLUMN_BLOCK
-    if kernel.ndim < 2 or padded == columns or not columns_are_independent(spec):
+    padded = padded_columns(kernel, spec)
+    if padded == kernel.shape[-1]:
         return _rtn_jit(kernel, spec)
-    wide = _rtn_jit(_repeat_last_column(kernel, padded), spec)
-    return _first_columns(wide, tuple(kernel.shape))
+    wide = _rtn_jit(repeat_last_column(kernel, padded), spec)
+    return first_columns(wide, tuple(kernel.shape))
 
 
 @register_weight_method("rtn")

@@ -107,6 +107,24 @@ def test_awq_beats_rtn_on_outlier_channels(bits, signed, group):
     assert direct == pytest.approx(errors.min(), rel=1e-3)
 
 
+def test_column_padding_keeps_the_search():
+    """search_scales pads the output axis (one program per input size) and masks the padded columns out of the
+    error: the same alpha and scales, errors equal up to float32 summation order."""
+    rng = np.random.default_rng(5)
+    before = awq._search_scales._cache_size()
+    for n in (40, 7, 33):
+        x = (rng.standard_normal((256, 48)) * np.exp(rng.standard_normal(48))).astype(np.float32)
+        w = (rng.standard_normal((48, n)) * 0.02).astype(np.float32)
+        spec = QuantSpec(format="int3", granularity="group", group_size=16)
+        mean_abs = jnp.asarray(np.abs(x).mean(0))
+        s, alpha, errors = awq.search_scales(w, spec, act_mean_abs=mean_abs, x=jnp.asarray(x))
+        s0, alpha0, errors0 = awq._search_scales(jnp.asarray(w), mean_abs, None, jnp.asarray(x), None, spec, 20)
+        assert float(alpha) == float(alpha0)
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
+        np.testing.assert_allclose(np.asarray(errors), np.asarray(errors0), rtol=1e-5)
+    assert awq._search_scales._cache_size() - before == 4  # one padded program + three unpadded references
+
+
 def test_alpha_zero_is_rtn_and_degenerate_stats_are_safe():
     x, w = _layer(3)
     spec = _spec(4, False, 16)

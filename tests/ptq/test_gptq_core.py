@@ -133,6 +133,34 @@ def test_dead_inputs_zero_their_rows():
     np.testing.assert_allclose(deq, ref, atol=1e-4 * np.abs(deq).max())
 
 
+@pytest.mark.parametrize("fmt,granularity,group_size,act_order", [
+    ("int4", "channel", None, False), ("int3", "group", 16, True), ("uint4", "channel", None, True),
+    ("fp4_e2m1", "group", 16, False)])
+def test_column_padding_gives_the_same_qarray_and_shares_programs(fmt, granularity, group_size, act_order):
+    """quantize_weight pads the output axis (repeating the last column) so kernels of one input size share a
+    compiled program; the QArray equals the unpadded GPTQ's bit for bit."""
+    spec = _spec(fmt, granularity, group_size)
+    w, _, h, _ = _layer(48, 1, seed=3)
+    before = gptq_core._gptq_view._cache_size()
+    for n in (7, 40, 33):
+        w, _, _, _ = _layer(48, n, seed=n)
+        qa = gptq_core.quantize_weight(w, h, spec, block_size=16, act_order=act_order)
+        ref = gptq_core.gptq(w, h, spec, block_size=16, act_order=act_order)  # unpadded
+        assert qa.shape == (48, n)
+        np.testing.assert_array_equal(np.asarray(_dequantize(qa)), np.asarray(ref.deq))
+        np.testing.assert_array_equal(np.asarray(qa.scale_f32), np.asarray(ref.scale))
+    # the three padded kernels (1024 columns) share one program; the unpadded references add three
+    assert gptq_core._gptq_view._cache_size() - before == 4
+
+
+def test_no_column_padding_for_per_tensor_statistics():
+    """A per-tensor MSE calibrator would see repeated columns: such kernels are quantized at their own width."""
+    spec = QuantSpec(format="int4", granularity="tensor", calibrator="mse")
+    w, _, h, _ = _layer(32, 12, seed=4)
+    qa = gptq_core.quantize_weight(w, h, spec, block_size=16)
+    np.testing.assert_array_equal(np.asarray(_dequantize(qa)), np.asarray(gptq_core.gptq(w, h, spec, block_size=16).deq))
+
+
 def test_conv_kernel_and_dtype():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((3, 4, 8, 32)), jnp.bfloat16)  # HWIO; view [96, 32] as in CASES[0]
