@@ -30,6 +30,7 @@ from flax import nnx
 from bitlaws.demo.classifier import DigitsClassifier, load_classifier
 from bitlaws.demo.data import IMAGE_SIZE, NUM_CLASSES, load_digits, to_uint8
 from bitlaws.eval import FeatureStats, accumulate_features, frechet_distance
+from bitlaws.eval.bootstrap import FrechetReference, frechet_interval
 from bitlaws.eval.sharded import FeatureRun
 
 METRIC_NAME = "Digits Frechet Distance (DFD)"
@@ -57,7 +58,8 @@ def _feature_fn(graphdef: nnx.GraphDef):
 
 
 def classifier_features(images: np.ndarray, *, classifier: Optional[DigitsClassifier] = None,
-                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> FeatureRun:
+                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                        keep_features: bool = False) -> FeatureRun:
     """Runs the classifier feature net over images through `accumulate_features` (the FID code path).
 
     Args:
@@ -65,6 +67,7 @@ def classifier_features(images: np.ndarray, *, classifier: Optional[DigitsClassi
         classifier: Feature network; default the shipped one.
         batch_size: Images per jitted step.
         progress: Show a progress bar.
+        keep_features: Also return the ``[N, D]`` features (`FeatureRun.features`).
 
     Returns:
         The `FeatureRun`: float64 ``stats`` of the ``[N, D]`` features and ``logits`` ``[N, 10]``.
@@ -73,12 +76,18 @@ def classifier_features(images: np.ndarray, *, classifier: Optional[DigitsClassi
     net = default_classifier() if classifier is None else classifier
     graphdef, state = nnx.split(net)
     return accumulate_features(_feature_fn(graphdef), to_uint8(images), batch_size=batch_size,
-                               params=state, progress=progress)
+                               params=state, progress=progress, keep_features=keep_features)
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_reference_stats(split: str) -> FeatureStats:
     return classifier_features(load_digits(split).images).stats
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_frechet_reference(split: str) -> FrechetReference:
+    stats = _cached_reference_stats(split)
+    return FrechetReference.from_stats(stats.mu, stats.sigma)
 
 
 def reference_stats(split: str = "all", classifier: Optional[DigitsClassifier] = None) -> FeatureStats:
@@ -136,7 +145,7 @@ def _validate_labels(labels: Any, n: int) -> np.ndarray:
 
 def evaluate_samples(images: np.ndarray, labels: np.ndarray, *, reference_split: str = "all",
                      classifier: Optional[DigitsClassifier] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                     progress: bool = False) -> dict[str, float]:
+                     progress: bool = False, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
     """DFD of class-conditional samples against the digits data, and the classifier's accuracy on them.
 
     Args:
@@ -146,20 +155,33 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray, *, reference_split:
         classifier: Feature network; default the shipped one.
         batch_size: Images per jitted step.
         progress: Show a progress bar.
+        n_boot: Bootstrap resamples of the samples for a 95 % interval of the DFD (0: none;
+            `bitlaws.eval.bootstrap.frechet_interval`, reference statistics fixed).
+        seed: Seed of the resample indices.
 
     Returns:
-        ``{"dfd": float, "accuracy": float (fraction classified as their label), "n": int}``.
+        ``{"dfd": float, "accuracy": float (fraction classified as their label), "n": int}``, and with
+        ``n_boot`` also ``"interval"`` (a `bitlaws.eval.bootstrap.Interval`) and ``"features"`` (``[N, D]``
+        float32, for paired comparisons between cells).
 
     Raises:
         ValueError: on malformed images or labels (see `validate_images`).
     """
     validate_images(images)
     labels = _validate_labels(labels, int(images.shape[0]))
-    run = classifier_features(images, classifier=classifier, batch_size=batch_size, progress=progress)
+    run = classifier_features(images, classifier=classifier, batch_size=batch_size, progress=progress,
+                              keep_features=n_boot > 0)
     reference = reference_stats(reference_split, classifier)
     predictions = run.logits.argmax(axis=-1)  # [N]
-    return {METRIC_KEY: dfd(run.stats, reference), "accuracy": float(np.mean(predictions == labels)),
-            "n": int(run.n)}
+    out = {METRIC_KEY: dfd(run.stats, reference), "accuracy": float(np.mean(predictions == labels)),
+           "n": int(run.n)}
+    if n_boot > 0:
+        prepared = (_cached_frechet_reference(reference_split) if classifier is None
+                    else FrechetReference.from_stats(reference.mu, reference.sigma))
+        out["interval"] = frechet_interval(run.features, reference.mu, reference.sigma, n_boot=n_boot, seed=seed,
+                                           reference=prepared, estimate=out[METRIC_KEY])
+        out["features"] = np.asarray(run.features, np.float32)
+    return out
 
 
 def box_blur(images: np.ndarray, radius: int = 1) -> np.ndarray:

@@ -202,7 +202,7 @@ def _feature_fn(graphdef: nnx.GraphDef, with_logits: bool):
 def inception_stats(images_source: Any, *, model: Optional[FIDInceptionV3] = None,
                     inception_path: Optional[PathLike] = None, batch_size: int = 50, mesh: Optional[Mesh] = None,
                     progress: bool = True, with_logits: bool = True,
-                    precision: Optional[str] = "highest") -> FeatureRun:
+                    precision: Optional[str] = "highest", keep_features: bool = False) -> FeatureRun:
     """Inception pool3 statistics (and logits) of a set of images, sharded over all devices.
 
     Args:
@@ -217,10 +217,12 @@ def inception_stats(images_source: Any, *, model: Optional[FIDInceptionV3] = Non
         with_logits: Also collect the 1008-way logits (for the Inception Score). Ignored (logits None) when the
             model has no ``fc`` layer.
         precision: ``jax.default_matmul_precision`` during extraction; None keeps the global setting.
+        keep_features: Also return the ``[N, 2048]`` pool3 features (``FeatureRun.features``, for
+            `bitlaws.eval.bootstrap` intervals; 8 KB per image).
 
     Returns:
         `FeatureRun` with ``stats`` (pool3 mean/covariance, float64), ``logits`` (``[N, 1008]`` float32 or
-        None), ``n``, ``images_per_sec`` and ``seconds``.
+        None), ``n``, ``images_per_sec``, ``seconds`` and ``features`` (None unless `keep_features`).
 
     Raises:
         FileNotFoundError: The weight file or the sample path does not exist (the message says what to do).
@@ -235,7 +237,7 @@ def inception_stats(images_source: Any, *, model: Optional[FIDInceptionV3] = Non
     context = contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
     with context:
         return accumulate_features(_feature_fn(graphdef, with_logits), images, batch_size=batch_size, mesh=mesh,
-                                   progress=progress, params=state, total=total)
+                                   progress=progress, params=state, total=total, keep_features=keep_features)
 
 
 def _mu_sigma(stats: StatsLike, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,9 @@ class FeatureRun:
         the whole call (including compilation and host-side accumulation).
       n: Number of real images processed by this call (on this process).
       seconds: Wall-clock duration of the call.
+      features: (n, d) features of the real images in input order (this
+        process's), as the network produced them, when ``keep_features`` was
+        set (for bootstrap intervals, `bitlaws.eval.bootstrap`); else None.
     """
 
     stats: FeatureStats
@@ -79,6 +82,7 @@ class FeatureRun:
     images_per_sec: float
     n: int
     seconds: float
+    features: np.ndarray | None = None
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
@@ -218,6 +222,7 @@ def accumulate_features(
     progress: bool = True,
     params: Any = None,
     total: int | None = None,
+    keep_features: bool = False,
 ) -> FeatureRun:
     """Extracts features batch by batch on all devices and accumulates statistics.
 
@@ -248,6 +253,8 @@ def accumulate_features(
         into the compiled program as constants).
       total: Expected number of images, for the progress bar only (inferred
         when ``images_iter`` is a single array).
+      keep_features: Also return the per-image features (host memory n x d;
+        meant for small sample sets such as the demo's).
 
     Returns:
       A `FeatureRun` with the statistics, the logits (or None), the number of
@@ -274,6 +281,7 @@ def accumulate_features(
         total = int(images_iter.shape[0])
 
     logits_parts: list[np.ndarray] = []
+    feature_parts: list[np.ndarray] = []
     n_done = 0
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc="features", disable=not progress) as bar:
@@ -284,6 +292,8 @@ def accumulate_features(
             feats_host = _local_rows(feats)
             _check_output("features", feats_host, padded_size)
             stats.update(feats_host, mask)
+            if keep_features:
+                feature_parts.append(feats_host[mask])
             if logits is not None:
                 logits_host = _local_rows(logits)
                 _check_output("logits", logits_host, padded_size)
@@ -307,7 +317,9 @@ def accumulate_features(
         bar.set_postfix(img_per_s=f"{rate:.1f}")
 
     logits = np.concatenate(logits_parts, axis=0) if logits_parts else None
-    return FeatureRun(stats=stats, logits=logits, images_per_sec=rate, n=n_done, seconds=seconds)
+    features = np.concatenate(feature_parts, axis=0) if feature_parts else None
+    return FeatureRun(stats=stats, logits=logits, images_per_sec=rate, n=n_done, seconds=seconds,
+                      features=features)
 
 
 def _f64_bits(a: Any) -> np.ndarray:

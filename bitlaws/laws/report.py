@@ -18,6 +18,7 @@ from bitlaws.laws.fit import (BASELINE_SETTING, BivariateFit, Cell, LawFits, Pow
                               cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
                               series_of)
 from bitlaws.laws.results_file import read_results
+from bitlaws.laws.uncertainty import cell_interval, uncertainty_section
 
 REPORT_FILE = "report.md"
 _SAMPLE_KEYS = ("n_samples", "num_samples", "samples")
@@ -89,14 +90,19 @@ def _cells_table(cells: Sequence[Cell]) -> list[str]:
     for key, label in _EXTRA_COLUMNS:
         if any(c.raw.get(key) is not None for c in cells) and label not in [e[1] for e in extras]:
             extras.append((key, label))
-    header = ["family", "model", "N", "setting", "format", "method", metric_label(cells), "MT (MB)", "CT (Gbit)"]
-    header += [label for _, label in extras]
+    intervals = any(cell_interval(c) for c in cells)
+    header = ["family", "model", "N", "setting", "format", "method", metric_label(cells)]
+    header += ["95% interval"] if intervals else []
+    header += ["MT (MB)", "CT (Gbit)"] + [label for _, label in extras]
     ordered = sorted(cells, key=lambda c: (families_of(cells).index(c.family), c.params, not c.is_baseline,
                                            -c.w_bits, -c.a_bits, c.series))
     rows = []
     for c in ordered:
-        row = [family_title(c.family), c.model, f"{c.params:,.0f}", c.setting, c.fmt, c.method, _num(c.fid),
-               _num(c.mt_bits / _BITS_PER_MB), _num(c.ct_bits / 1e9)]
+        row = [family_title(c.family), c.model, f"{c.params:,.0f}", c.setting, c.fmt, c.method, _num(c.fid)]
+        if intervals:
+            ci = cell_interval(c)
+            row.append(f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else "–")
+        row += [_num(c.mt_bits / _BITS_PER_MB), _num(c.ct_bits / 1e9)]
         row += [_num(c.raw.get(key)) for key, _ in extras]
         rows.append(row)
     return ["## All cells", ""] + _table(header, rows) + [""]
@@ -287,6 +293,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
              + ", ".join(sorted({s for f in families_of(cells) for s in series_of(cells, f)})) + ".", ""]
     lines += _provenance(cells, n_rows, fits, source, notices)
     lines += _verdict_section(cells, fits)
+    lines += uncertainty_section(cells, pathlib.Path(samples_root) if samples_root is not None else None, metric)
     lines += method_tables(cells, metric)
     lines += qat_section(cells, metric)
     png = [pathlib.Path(p) for p in plots if pathlib.Path(p).suffix == ".png"]

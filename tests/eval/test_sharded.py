@@ -56,7 +56,10 @@ _FOUR_DEVICE_SCRIPT = textwrap.dedent(
     assert run4.images_per_sec > 0 and run4.seconds > 0
 
     run1 = accumulate_features(feature_fn, images, batch_size=10, mesh=data_mesh(1), progress=False)
-    assert run1.logits is None and run1.stats.n == 37
+    assert run1.logits is None and run1.stats.n == 37 and run1.features is None
+    kept = accumulate_features(feature_fn, images, batch_size=10, progress=False, keep_features=True)
+    assert kept.features.shape == (N, D)  # real rows only, in input order
+    report["kept_features"] = rel(kept.features, ref_feats)
     report["4dev_vs_numpy_mu"] = rel(run4.stats.mu, ref_mu)
     report["4dev_vs_numpy_sigma"] = rel(run4.stats.sigma, ref_sigma)
     report["4dev_vs_1dev_mu"] = rel(run4.stats.mu, run1.stats.mu)

@@ -170,3 +170,38 @@ def test_report_shows_the_largest_models_sample_grids(tmp_path):
 def test_report_without_sample_grids_has_no_samples_section(results_dir, tmp_path):
     text = report.analyze(results_dir, tmp_path, n_boot=0).report.read_text()
     assert "## Samples" not in text
+
+
+def test_report_shows_intervals_and_paired_differences(tmp_path):
+    """Records with a bootstrap interval and saved features: the cells table shows the intervals, and each
+    quantized cell is compared with its float cell paired: clearly degraded samples are "worse", a copy of the
+    float samples with tiny noise "not resolved"."""
+    rng = np.random.default_rng(1)
+    sweep = tmp_path / "sweep"
+    (sweep / "features").mkdir(parents=True)
+    reference = rng.standard_normal((3000, 6))
+    np.savez(sweep / "features" / "reference_all.npz", mu=reference.mean(axis=0), sigma=np.cov(reference, rowvar=False))
+    float_features = rng.standard_normal((300, 6))
+    rows = [r for r in _sweep_rows() if r["model"] == "var-d4" or r["setting"] == "W16A16"]
+    for row in rows:
+        if row["model"] != "var-d4":
+            continue
+        name = f"features/{row['key'].replace('|', '_')}.npy"
+        if row["setting"] == "W16A16":
+            features = float_features
+        elif row["setting"] == "W8A16":
+            features = float_features + 1e-4 * rng.standard_normal(float_features.shape)  # indistinguishable
+        else:
+            features = float_features * 1.6 + 0.5  # clearly worse
+        np.save(sweep / name, features.astype(np.float32))
+        row.update(features_file=name, features_reference="features/reference_all.npz",
+                   fid_interval={"lo": row["fid"] - 1.0, "hi": row["fid"] + 1.5, "level": 0.95, "n_boot": 200})
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.analyze(sweep, tmp_path / "out", n_boot=0).report.read_text()
+    section = text[text.index("## How sure: paired differences to float"):]
+    section = section[:section.index("\n## ", 3)]
+    assert "3 of 4 quantized cells are worse than float, 0 better, 1 not resolved." in section
+    assert section.count("| var-d4 |") == 4 and "| not resolved |" in section
+    assert "### DiT" not in section  # no DiT cell has features: nothing paired there
+    table = text[text.index("## All cells"):]
+    assert "95% interval" in table and table.count("| – |") >= 1  # cells without an interval show a dash
