@@ -11,12 +11,13 @@ noise), and records:
 * ``accuracy``: how often the classifier assigns a sample to its conditioning digit;
 * ``mt_bits`` / ``ct_bits`` / ``params`` / ``storage_bytes`` of the quantized network (`bit_accounting`);
 * ``samples_image``: a PNG grid of the cell's first samples per digit, relative to the sweep folder;
-* ``fid_interval``: ``{"lo", "hi", "level", "n_boot"}``, a 95 % bootstrap interval of the DFD over the cell's
-  samples against the fixed reference statistics (`bitlaws.eval.bootstrap`; ``config.demo.bootstrap``
-  resamples, default 200, 0 turns it off);
-* ``features_file``: the samples' classifier features ``[N, 64]`` float32 (``.npy``, relative to the sweep
-  folder), so that ``bitlaws report`` can compare cells *paired* (same seed and labels: the precision-vs-float
-  difference with its own, much tighter, interval).
+* ``fid_interval``: ``{"lo", "hi", "se", "level", "groups"}``, a 95 % jackknife interval of the DFD over the
+  cell's samples against the fixed reference statistics (`bitlaws.eval.intervals`; ``config.demo.jackknife``
+  groups, default 50 or the sample count if smaller, 0 turns it off);
+* ``features_file``: an ``.npz`` (relative to the sweep folder) with the samples' classifier features
+  ``features [N, 64]`` float32 and the jackknife's leave-one-group-out DFDs ``replicates [groups]``, so that
+  ``bitlaws report`` can compare cells *paired* (same seed and labels: the precision-vs-float difference with its
+  own, much tighter, interval); ``features_reference``: the reference statistics (``mu``, ``sigma``).
 
 Methods that need calibration statistics (static activation scales, GPTQ's Hessians, SmoothQuant's channel
 maxima ...) get them through `MethodContext.calibrate` / `MethodContext.data`: `family.calibration_data` of the
@@ -53,7 +54,7 @@ from bitlaws.sweep.grid import Cell
 # Each cell saves the first ``config.demo.grid_per_class`` samples of every digit as a PNG grid under
 # ``OUT/samples/<model>/`` (when the sweep gives an ``out_dir``); 0 turns it off.
 DEFAULT_GRID_PER_CLASS = 4
-DEFAULT_BOOTSTRAP = 200
+DEFAULT_JACKKNIFE = 50
 SAMPLES_DIR = "samples"
 FEATURES_DIR = "features"
 GRID_ZOOM = 2  # pixels per image pixel in the saved grid
@@ -66,9 +67,10 @@ def make_evaluator(config: ml_collections.ConfigDict):
     n_per_class = int(config.demo.n_per_class)
     reference_split = str(config.demo.get("reference_split", "all"))
     samples_per_class = int(config.demo.get("grid_per_class", DEFAULT_GRID_PER_CLASS))
-    n_boot = config.demo.get("bootstrap", DEFAULT_BOOTSTRAP)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0 or n_boot == 1:
-        raise ValueError(f"config.demo.bootstrap must be 0 (no intervals) or an integer >= 2, got {n_boot!r}")
+    groups = config.demo.get("jackknife", DEFAULT_JACKKNIFE)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0 or groups == 1:
+        raise ValueError(f"config.demo.jackknife must be 0 (no intervals) or an integer >= 2, got {groups!r}")
+    groups = min(groups, NUM_CLASSES * n_per_class)  # at most one sample per group (leave-one-out)
     out_dir = pathlib.Path(config.out_dir) if config.get("out_dir", None) else None
     options = settings.quant_options(config)
     backend = settings.backend_for(config)
@@ -107,7 +109,7 @@ def make_evaluator(config: ml_collections.ConfigDict):
                                    materialize=materialize, backend=backend))
         labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), n_per_class)
         images = np.clip(np.asarray(member.sample(quantized, labels, jax.random.key(cell.model_seed))), -1.0, 1.0)
-        scores = metric.evaluate_samples(images, labels, reference_split=reference_split, n_boot=n_boot)
+        scores = metric.evaluate_samples(images, labels, reference_split=reference_split, groups=groups)
         report = bit_accounting(member.model, rules)
         # Packed cells: the storage of the arrays the cell really ran with (QArray.nbytes of every packed kernel).
         storage = bit_accounting(quantized).storage_bytes if materialize == "packed" else report.storage_bytes
@@ -119,12 +121,12 @@ def make_evaluator(config: ml_collections.ConfigDict):
             record["backend"] = backend
         if "interval" in scores:
             interval = scores["interval"]
-            record["fid_interval"] = {"lo": interval.lo, "hi": interval.hi, "level": interval.level,
-                                      "n_boot": interval.n_boot}
+            record["fid_interval"] = {"lo": interval.lo, "hi": interval.hi, "se": interval.se,
+                                      "level": interval.level, "groups": interval.groups}
             if out_dir is not None:
-                relative = pathlib.Path(FEATURES_DIR) / cell.model / f"{cell.key.replace('|', '_')}.npy"
+                relative = pathlib.Path(FEATURES_DIR) / cell.model / f"{cell.key.replace('|', '_')}.npz"
                 (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                np.save(out_dir / relative, scores["features"])
+                np.savez(out_dir / relative, features=scores["features"], replicates=scores["replicates"])
                 record["features_file"] = relative.as_posix()
                 record["features_reference"] = _save_reference(out_dir, reference_split)
         if data is not None:

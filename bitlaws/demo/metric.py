@@ -30,7 +30,7 @@ from flax import nnx
 from bitlaws.demo.classifier import DigitsClassifier, load_classifier
 from bitlaws.demo.data import IMAGE_SIZE, NUM_CLASSES, load_digits, to_uint8
 from bitlaws.eval import FeatureStats, accumulate_features, frechet_distance
-from bitlaws.eval.bootstrap import FrechetReference, frechet_interval
+from bitlaws.eval.intervals import FrechetReference, interval_from_replicates, jackknife_replicates
 from bitlaws.eval.sharded import FeatureRun
 
 METRIC_NAME = "Digits Frechet Distance (DFD)"
@@ -145,7 +145,7 @@ def _validate_labels(labels: Any, n: int) -> np.ndarray:
 
 def evaluate_samples(images: np.ndarray, labels: np.ndarray, *, reference_split: str = "all",
                      classifier: Optional[DigitsClassifier] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                     progress: bool = False, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
+                     progress: bool = False, groups: int = 0) -> dict[str, Any]:
     """DFD of class-conditional samples against the digits data, and the classifier's accuracy on them.
 
     Args:
@@ -155,14 +155,14 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray, *, reference_split:
         classifier: Feature network; default the shipped one.
         batch_size: Images per jitted step.
         progress: Show a progress bar.
-        n_boot: Bootstrap resamples of the samples for a 95 % interval of the DFD (0: none;
-            `bitlaws.eval.bootstrap.frechet_interval`, reference statistics fixed).
-        seed: Seed of the resample indices.
+        groups: Jackknife groups for a 95 % interval of the DFD (0: none; `bitlaws.eval.intervals`,
+            reference statistics fixed).
 
     Returns:
         ``{"dfd": float, "accuracy": float (fraction classified as their label), "n": int}``, and with
-        ``n_boot`` also ``"interval"`` (a `bitlaws.eval.bootstrap.Interval`) and ``"features"`` (``[N, D]``
-        float32, for paired comparisons between cells).
+        ``groups`` also ``"interval"`` (a `bitlaws.eval.intervals.Interval`), ``"replicates"`` (the
+        ``[groups]`` leave-one-group-out DFDs, `bitlaws.eval.intervals.jackknife_replicates`) and ``"features"``
+        (``[N, D]`` float32): what paired comparisons between cells need.
 
     Raises:
         ValueError: on malformed images or labels (see `validate_images`).
@@ -170,16 +170,17 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray, *, reference_split:
     validate_images(images)
     labels = _validate_labels(labels, int(images.shape[0]))
     run = classifier_features(images, classifier=classifier, batch_size=batch_size, progress=progress,
-                              keep_features=n_boot > 0)
+                              keep_features=groups > 0)
     reference = reference_stats(reference_split, classifier)
     predictions = run.logits.argmax(axis=-1)  # [N]
     out = {METRIC_KEY: dfd(run.stats, reference), "accuracy": float(np.mean(predictions == labels)),
            "n": int(run.n)}
-    if n_boot > 0:
+    if groups > 0:
         prepared = (_cached_frechet_reference(reference_split) if classifier is None
                     else FrechetReference.from_stats(reference.mu, reference.sigma))
-        out["interval"] = frechet_interval(run.features, reference.mu, reference.sigma, n_boot=n_boot, seed=seed,
-                                           reference=prepared, estimate=out[METRIC_KEY])
+        replicates = jackknife_replicates(run.features, prepared, groups=groups)
+        out["interval"] = interval_from_replicates(out[METRIC_KEY], replicates)
+        out["replicates"] = replicates
         out["features"] = np.asarray(run.features, np.float32)
     return out
 

@@ -1,16 +1,19 @@
 """How sure the study is: per-cell intervals and paired precision-vs-float differences, for the report.
 
-Per cell: the record's ``fid_interval`` (``{"lo", "hi", "level", "n_boot"}``, a bootstrap interval over the
-cell's samples against fixed reference statistics, written by evaluators that keep their features, e.g. the
-demo's; see `bitlaws.eval.bootstrap`).
+Per cell: the record's ``fid_interval`` (``{"lo", "hi", "se", "level", "groups"}``, a jackknife interval over
+the cell's samples against fixed reference statistics, written by evaluators that keep their features, e.g. the
+demo's; see `bitlaws.eval.intervals`).
 
 Paired: a quantized cell and the float (W16A16) cell of the same model and seed drew their samples from the
 same noise and labels, so their sampling noise is largely shared. When both records name a ``features_file``
-(``[N, d]`` features, ``.npy``) and a ``features_reference`` (``.npz`` with the reference ``mu`` and
-``sigma``), both relative to the results folder, the difference ``metric(quantized) - metric(float)`` gets a
-paired bootstrap interval (`paired_difference_interval`: both sets resampled with the same indices). A cell is
-**worse** than float when that interval lies above 0, **better** when below, and **not resolved** when it
-contains 0 — the one-seed point values of such cells do not order them.
+and a ``features_reference`` (``.npz`` with the reference ``mu`` and ``sigma``), both relative to the results
+folder, the difference ``metric(quantized) - metric(float)`` gets a paired jackknife interval: the same group of
+samples left out of both sets. A features file is an ``.npy`` of the ``[N, d]`` features, or an ``.npz`` with
+``features`` and, optionally, ``replicates`` (the ``[G]`` leave-one-group-out distances of
+`jackknife_replicates`): when both cells stored theirs with the same G and N, the paired replicates are their
+difference and nothing is recomputed. A cell is **worse** than float when that interval lies above 0,
+**better** when below, and **not resolved** when it contains 0 — the one-seed point values of such cells do not
+order them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bitlaws.eval.bootstrap import FrechetReference, Interval, paired_difference_interval
+from bitlaws.eval.intervals import (DEFAULT_GROUPS, FrechetReference, Interval, interval_from_replicates,
+                                   paired_difference_interval)
 from bitlaws.laws.fit import BASELINE_SETTING, Cell, families_of, family_title
 
 WORSE, BETTER, UNRESOLVED = "worse", "better", "not resolved"
@@ -36,7 +40,7 @@ class PairedDifference:
     Attributes:
         cell: The quantized cell.
         baseline: The float cell.
-        interval: ``metric(cell) - metric(baseline)`` with its paired bootstrap interval.
+        interval: ``metric(cell) - metric(baseline)`` with its paired jackknife interval.
         verdict: `WORSE`, `BETTER` or `UNRESOLVED`.
     """
 
@@ -67,26 +71,31 @@ def _verdict(interval: Interval) -> str:
     return WORSE if interval.lo > 0 else BETTER
 
 
-def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *, n_boot: int = 200,
-                       seed: int = 0) -> list[PairedDifference]:
+def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *,
+                       groups: int = DEFAULT_GROUPS) -> list[PairedDifference]:
     """Paired differences of every quantized cell whose features and float partner's features exist.
 
     Args:
         cells: The sweep's cells.
         root: Folder the records' ``features_file`` / ``features_reference`` paths are relative to.
-        n_boot: Bootstrap resamples.
-        seed: Seed of the resample indices.
+        groups: Jackknife groups when pairs are computed from features (stored replicates are used as they are).
 
     Returns:
         One `PairedDifference` per quantized cell that could be paired (others are left out).
     """
-    load = functools.lru_cache(maxsize=None)(lambda path: np.load(path))
     references: dict[str, FrechetReference] = {}
 
-    def features(cell: Cell) -> Optional[np.ndarray]:
+    @functools.lru_cache(maxsize=None)
+    def load(path: pathlib.Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                return arrays["features"], (arrays["replicates"] if "replicates" in arrays else None)
+        return np.load(path), None
+
+    def features(cell: Cell) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
         name = cell.raw.get("features_file")
         path = root / str(name) if name else None
-        return load(path) if path is not None and path.is_file() else None
+        return load(path) if path is not None and path.is_file() else (None, None)
 
     def reference(cell: Cell) -> Optional[FrechetReference]:
         name = cell.raw.get("features_reference")
@@ -103,11 +112,14 @@ def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *, n_boot: int
         base = baselines.get((cell.model, _seed(cell)))
         if cell.is_baseline or base is None or cell.raw.get("features_reference") != base.raw.get("features_reference"):
             continue
-        ref, mine, theirs = reference(cell), features(cell), features(base)
+        ref, (mine, mine_jack), (theirs, their_jack) = reference(cell), features(cell), features(base)
         if ref is None or mine is None or theirs is None or mine.shape != theirs.shape:
             continue
-        interval = paired_difference_interval(mine, theirs, ref.mu, ref.sigma, n_boot=n_boot, seed=seed,
-                                              reference=ref)
+        if mine_jack is not None and their_jack is not None and mine_jack.shape == their_jack.shape:
+            interval = interval_from_replicates(cell.fid - base.fid, mine_jack - their_jack)  # same groups left out
+        else:
+            interval = paired_difference_interval(mine, theirs, ref.mu, ref.sigma,
+                                                  groups=min(groups, mine.shape[0]), reference=ref)
         out.append(PairedDifference(cell, base, interval, _verdict(interval)))
     return out
 
@@ -117,18 +129,18 @@ def _num(value: float) -> str:
 
 
 def uncertainty_section(cells: Sequence[Cell], root: Optional[pathlib.Path], metric: str, *,
-                        n_boot: int = 200, seed: int = 0) -> list[str]:
+                        groups: int = DEFAULT_GROUPS) -> list[str]:
     """Markdown lines: paired differences per family (empty when no cell carries intervals or features)."""
     if root is None or not any(cell_interval(c) for c in cells):
         return []
-    pairs = paired_differences(cells, root, n_boot=n_boot, seed=seed)
+    pairs = paired_differences(cells, root, groups=groups)
     if not pairs:
         return []
     level = pairs[0].interval.level
     lines = ["## How sure: paired differences to float", "",
              f"Every quantized cell against the {BASELINE_SETTING} cell of the same model and seed (same noise and "
-             f"labels): Δ = {metric}(cell) − {metric}({BASELINE_SETTING}) with a {level:.0%} paired bootstrap "
-             f"interval over the samples ({pairs[0].interval.n_boot} resamples, reference statistics fixed). "
+             f"labels): Δ = {metric}(cell) − {metric}({BASELINE_SETTING}) with a {level:.0%} paired jackknife "
+             f"interval over the samples ({pairs[0].interval.groups} groups, reference statistics fixed). "
              f"**{WORSE}** / **{BETTER}**: the interval excludes 0; **{UNRESOLVED}**: it contains 0, so this run "
              f"cannot order the two. Per-cell intervals (unpaired, much wider: most sampling noise is shared "
              "between paired cells) are in the table of all cells.", ""]

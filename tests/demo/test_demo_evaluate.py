@@ -23,8 +23,8 @@ def test_demo_cells_score_and_account_bits():
     w4 = run(Cell("var-d1", "W4A16", "int", "rtn", 0))
     for record in (fp, w4):
         assert math.isfinite(record["fid"]) and record["fid"] > 0
-        interval = record["fid_interval"]  # bootstrap over the 30 samples, reference fixed
-        assert interval["lo"] < record["fid"] < interval["hi"] and interval["n_boot"] == 200
+        interval = record["fid_interval"]  # jackknife over the 30 samples (leave-one-out), reference fixed
+        assert interval["lo"] < record["fid"] < interval["hi"] and interval["groups"] == 30 and interval["se"] > 0
         assert "features_file" not in record  # no sweep folder to write them to
         assert 0.0 <= record["accuracy"] <= 1.0 and record["n_samples"] == 30
         assert "not FID" in record["metric_name"]
@@ -46,8 +46,9 @@ def test_sweep_cells_save_their_sample_grid(tmp_path):
     assert summary.complete
     record = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
     assert record["samples_image"] == "samples/var-d1/var-d1_W16A16_none_none_s0.png"
-    features = np.load(tmp_path / "run" / record["features_file"])
-    assert features.shape == (30, 64) and features.dtype == np.float32
+    with np.load(tmp_path / "run" / record["features_file"]) as saved:
+        features, replicates = saved["features"], saved["replicates"]
+    assert features.shape == (30, 64) and features.dtype == np.float32 and replicates.shape == (30,)
     with np.load(tmp_path / "run" / record["features_reference"]) as reference:
         assert reference["mu"].shape == (64,) and reference["sigma"].shape == (64, 64)
         # the saved features and reference reproduce the recorded DFD

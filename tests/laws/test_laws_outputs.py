@@ -195,7 +195,8 @@ def test_report_shows_intervals_and_paired_differences(tmp_path):
             features = float_features * 1.6 + 0.5  # clearly worse
         np.save(sweep / name, features.astype(np.float32))
         row.update(features_file=name, features_reference="features/reference_all.npz",
-                   fid_interval={"lo": row["fid"] - 1.0, "hi": row["fid"] + 1.5, "level": 0.95, "n_boot": 200})
+                   fid_interval={"lo": row["fid"] - 1.0, "hi": row["fid"] + 1.5, "se": 0.6, "level": 0.95,
+                                 "groups": 50})
     (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = report.analyze(sweep, tmp_path / "out", n_boot=0).report.read_text()
     section = text[text.index("## How sure: paired differences to float"):]
@@ -205,3 +206,25 @@ def test_report_shows_intervals_and_paired_differences(tmp_path):
     assert "### DiT" not in section  # no DiT cell has features: nothing paired there
     table = text[text.index("## All cells"):]
     assert "95% interval" in table and table.count("| – |") >= 1  # cells without an interval show a dash
+
+    # Stored jackknife replicates (what the demo evaluator writes) give the same pairs without recomputing.
+    from bitlaws.eval import intervals  # pylint: disable=g-import-not-at-top
+    from bitlaws.laws import uncertainty  # pylint: disable=g-import-not-at-top
+    cells = fit.cells_from_rows(rows)
+    computed = {p.cell.key: p for p in uncertainty.paired_differences(cells, sweep)}
+    with np.load(sweep / "features" / "reference_all.npz") as stats:
+        ref = intervals.FrechetReference.from_stats(stats["mu"], stats["sigma"])
+    for row in rows:
+        if "features_file" in row:
+            features = np.load(sweep / row["features_file"])
+            npz = row["features_file"].replace(".npy", ".npz")
+            np.savez(sweep / npz, features=features, replicates=intervals.jackknife_replicates(features, ref))
+            features64 = features.astype(np.float64)
+            row.update(features_file=npz, fid=intervals.frechet_interval(features64, None, None, reference=ref).estimate)
+            (sweep / row["features_file"].replace(".npz", ".npy")).unlink()
+    stored = {p.cell.key: p for p in uncertainty.paired_differences(fit.cells_from_rows(rows), sweep)}
+    assert stored.keys() == computed.keys() and len(stored) == 4
+    for key, pair in stored.items():
+        assert pair.verdict == computed[key].verdict
+        assert pair.interval.lo == pytest.approx(computed[key].interval.lo, rel=1e-6, abs=1e-9)
+        assert pair.interval.hi == pytest.approx(computed[key].interval.hi, rel=1e-6, abs=1e-9)
