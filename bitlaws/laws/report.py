@@ -90,9 +90,10 @@ def _cells_table(cells: Sequence[Cell]) -> list[str]:
     for key, label in _EXTRA_COLUMNS:
         if any(c.raw.get(key) is not None for c in cells) and label not in [e[1] for e in extras]:
             extras.append((key, label))
-    intervals = any(cell_interval(c) for c in cells)
+    with_interval = [c for c in cells if cell_interval(c)]
+    intervals = bool(with_interval)
     header = ["family", "model", "N", "setting", "format", "method", metric_label(cells)]
-    header += ["95% interval"] if intervals else []
+    header += [f"{float(with_interval[0].raw['fid_interval'].get('level', 0.95)):.0%} interval"] if intervals else []
     header += ["MT (MB)", "CT (Gbit)"] + [label for _, label in extras]
     ordered = sorted(cells, key=lambda c: (families_of(cells).index(c.family), c.params, not c.is_baseline,
                                            -c.w_bits, -c.a_bits, c.series))
