@@ -83,14 +83,17 @@ def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *,
     Returns:
         One `PairedDifference` per quantized cell that could be paired (others are left out).
     """
-    references: dict[str, FrechetReference] = {}
+    references: dict[str, Optional[FrechetReference]] = {}
 
     @functools.lru_cache(maxsize=None)
-    def load(path: pathlib.Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        if path.suffix == ".npz":
-            with np.load(path) as arrays:
-                return arrays["features"], (arrays["replicates"] if "replicates" in arrays else None)
-        return np.load(path), None
+    def load(path: pathlib.Path) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        try:  # an unreadable file leaves its cell unpaired, like a missing one
+            if path.suffix == ".npz":
+                with np.load(path) as arrays:
+                    return arrays["features"], (arrays["replicates"] if "replicates" in arrays else None)
+            return np.load(path), None
+        except (OSError, ValueError, KeyError):
+            return None, None
 
     def features(cell: Cell) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
         name = cell.raw.get("features_file")
@@ -102,8 +105,11 @@ def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *,
         if not name or not (root / str(name)).is_file():
             return None
         if name not in references:
-            with np.load(root / str(name)) as stats:
-                references[name] = FrechetReference.from_stats(stats["mu"], stats["sigma"])
+            try:
+                with np.load(root / str(name)) as stats:
+                    references[name] = FrechetReference.from_stats(stats["mu"], stats["sigma"])
+            except (OSError, ValueError, KeyError):
+                references[name] = None
         return references[name]
 
     baselines = {(c.model, _seed(c)): c for c in cells if c.is_baseline}
@@ -122,10 +128,6 @@ def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *,
                                                   groups=min(groups, mine.shape[0]), reference=ref)
         out.append(PairedDifference(cell, base, interval, _verdict(interval)))
     return out
-
-
-def _num(value: float) -> str:
-    return f"{value:.4g}" if math.isfinite(value) else "–"
 
 
 def uncertainty_section(cells: Sequence[Cell], root: Optional[pathlib.Path], metric: str, *,

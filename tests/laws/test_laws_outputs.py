@@ -224,6 +224,9 @@ def test_report_shows_intervals_and_paired_differences(tmp_path):
             (sweep / row["features_file"].replace(".npz", ".npy")).unlink()
     stored = {p.cell.key: p for p in uncertainty.paired_differences(fit.cells_from_rows(rows), sweep)}
     assert stored.keys() == computed.keys() and len(stored) == 4
+    broken = next(r for r in rows if r.get("features_file") and r["setting"] == "W8A8")
+    (sweep / broken["features_file"]).write_bytes(b"not an npz")  # unreadable: that cell is left unpaired
+    assert len(uncertainty.paired_differences(fit.cells_from_rows(rows), sweep)) == 3
     for key, pair in stored.items():
         assert pair.verdict == computed[key].verdict
         assert pair.interval.lo == pytest.approx(computed[key].interval.lo, rel=1e-6, abs=1e-9)
