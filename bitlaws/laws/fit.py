@@ -193,6 +193,18 @@ def ensure_cells(rows: Union[RowsLike, Sequence[Cell]]) -> list[Cell]:
     return cells_from_rows(rows)  # type: ignore[arg-type]
 
 
+def mean_over_seeds(cells: Sequence[Cell]) -> dict[tuple[str, str, str, str], float]:
+    """The metric per ``(model, setting, format, method)``, averaged over the cells' seeds.
+
+    A sweep may run several seeds per cell (``config.seeds``); tables that show one value per configuration use
+    the mean (a non-finite value in any seed makes the mean non-finite, so it stays visible).
+    """
+    values: dict[tuple[str, str, str, str], list[float]] = {}
+    for c in cells:
+        values.setdefault((c.model, c.setting, c.fmt, c.method), []).append(c.fid)
+    return {key: float(np.mean(v)) for key, v in values.items()}
+
+
 def families_of(cells: Sequence[Cell]) -> list[str]:
     """Families present, VAR first, then DiT, then the rest alphabetically."""
     order = {"var": 0, "dit": 1}

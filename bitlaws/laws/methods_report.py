@@ -14,7 +14,7 @@ import math
 from typing import Sequence
 
 from bitlaws.laws import pareto
-from bitlaws.laws.fit import BASELINE_SETTING, Cell, families_of, family_title, fit_all
+from bitlaws.laws.fit import BASELINE_SETTING, Cell, families_of, family_title, fit_all, mean_over_seeds
 
 RTN = "rtn"
 # The paper's tables 2-5 (PTQ, then the distillation losses); others after, by name.
@@ -50,7 +50,7 @@ def method_tables(cells: Sequence[Cell], metric: str) -> list[str]:
              f"beats RTN on a (model, precision) when its {metric} is lower than RTN's there.", ""]
     for family in families_of(cells):
         mine = [c for c in cells if c.family == family]
-        by_key = {(c.model, c.setting, c.fmt, c.method): c.fid for c in mine}
+        by_key = mean_over_seeds(mine)
         models = sorted({c.model for c in mine}, key=lambda m: min(c.params for c in mine if c.model == m))
         pairs = sorted({(c.setting, c.fmt) for c in mine if not c.is_baseline}, key=_setting_key)
         lines += [f"### {family_title(family)}", ""]

@@ -17,7 +17,7 @@ import math
 from typing import Sequence
 
 from bitlaws.laws import pareto
-from bitlaws.laws.fit import Cell, families_of, family_title, fit_all, series_label
+from bitlaws.laws.fit import Cell, families_of, family_title, fit_all, mean_over_seeds, series_label
 
 QAT_PREFIX = "qat:"
 TOPKLD, FKL, RKL = "qat:topkld", "qat:fkl", "qat:rkl"
@@ -29,7 +29,7 @@ def qat_methods(cells: Sequence[Cell]) -> list[str]:
 
 
 def _head_to_head(cells: Sequence[Cell], ours: str, theirs: str) -> str | None:
-    by_key = {(c.model, c.setting, c.fmt, c.method): c.fid for c in cells}
+    by_key = mean_over_seeds(cells)
     pairs = [(value, by_key[key[:3] + (theirs,)]) for key, value in by_key.items()
              if key[3] == ours and key[:3] + (theirs,) in by_key]
     pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0]

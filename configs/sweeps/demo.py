@@ -4,10 +4,13 @@ Usage::
 
     bitlaws sweep --config configs/sweeps/demo.py --out runs/demo          # the full grid (make demo)
     bitlaws sweep --config configs/sweeps/demo.py:quick --out runs/quick   # two sizes per family, 3 settings
+    bitlaws sweep --config configs/sweeps/demo.py:quick,seeds=4 --out runs/quick4   # every cell with seeds 0-3
 
 Each cell draws ``demo.n_per_class`` samples per digit and scores them with the DFD (the Fréchet distance in
 the digits classifier's features: the demo's FID analogue) against the statistics of all 1797 digits, with a
 95 % jackknife interval (``demo.jackknife`` groups, default 50; 0 turns intervals and saved features off).
+``seeds=K`` runs every cell with seeds 0..K-1 (the same seeds at every precision, so each seed's quantized
+cells pair with its float cell); the report's tables show the mean over seeds.
 """
 
 import ml_collections
@@ -25,7 +28,10 @@ def _spread(names, count):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, allowed=("quick", "n_per_class"))
+    args = parse_arg(arg, allowed=("quick", "n_per_class", "seeds"))
+    seeds = args.get("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"demo config: seeds must be a positive integer (seeds per cell), got {seeds!r}")
     quick = bool(args.get("quick"))
     var_members, dit_members = var_family.member_names(), dit_family.member_names()
     config = ml_collections.ConfigDict()
@@ -40,7 +46,7 @@ def get_config(arg=None):
         config.settings = ("W16A16", "W8A16", "W4A16", "W3A16", "W8A8", "W4A8")
         config.formats = ("int", "fp")
     config.methods = ("rtn",)
-    config.seeds = (0,)
+    config.seeds = tuple(range(seeds))
     config.method_params = ml_collections.ConfigDict()
     # W4A16 cells run the deployed representation (packed QArray kernels, storage measured from them); the other
     # settings run the same numbers baked into float kernels (one compilation for every weight-only setting).

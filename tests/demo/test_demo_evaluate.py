@@ -76,3 +76,18 @@ def test_pre_check_uses_abstract_members_and_names_the_layers_a_group_size_canno
         evaluate.check_cells(config, cells)
     with pytest.raises(ValueError, match="no DiT demo member 'dit-d9'"):
         evaluate.check_cells(config, [Cell("dit-d9", "W16A16", "none", "none", 0)])
+
+
+def test_demo_config_runs_several_seeds_per_cell_paired_across_precisions():
+    from bitlaws.sweep.grid import expand_grid  # pylint: disable=g-import-not-at-top
+
+    config = configlib.load_config(f"{CONFIG}:quick,seeds=3")
+    assert config.seeds == (0, 1, 2)
+    cells = expand_grid(config)
+    assert len(cells) == 3 * len(expand_grid(configlib.load_config(f"{CONFIG}:quick")))
+    by_seed = {}
+    for cell in cells:  # one sampling seed per (model, seed), whatever the precision: cells pair with the float one
+        by_seed.setdefault((cell.model, cell.seed), set()).add(cell.model_seed)
+    assert all(len(seeds) == 1 for seeds in by_seed.values()) and len({s for v in by_seed.values() for s in v}) == 12
+    with pytest.raises(ValueError, match="seeds must be a positive integer"):
+        configlib.load_config(f"{CONFIG}:seeds=0")

@@ -66,3 +66,17 @@ def test_single_method_sweeps_get_no_method_section(tmp_path):
     assert "## Methods" not in path.read_text()
     path = report.write_report(_rows(), tmp_path, n_boot=0)
     assert "## Methods (the paper's PTQ and distillation tables)" in path.read_text()
+
+
+def test_several_seeds_per_cell_are_averaged_not_overwritten():
+    """Two seeds of every cell: the tables show the mean over seeds (before, the last seed read won)."""
+    rows = []
+    for row in _rows():
+        for seed, scale in ((0, 0.9), (1, 1.1)):
+            rows.append(dict(row, key=f"{row['key']}|s{seed}", seed=seed, fid=row["fid"] * scale))
+    cells = fit.cells_from_rows(rows)
+    means = fit.mean_over_seeds(cells)
+    one = fit.mean_over_seeds(fit.cells_from_rows(_rows()))
+    assert means.keys() == one.keys() and all(abs(means[k] - one[k]) < 1e-9 * one[k] for k in one)
+    assert methods_report.method_tables(cells, "FID") == methods_report.method_tables(fit.cells_from_rows(_rows()),
+                                                                                       "FID")
