@@ -32,7 +32,9 @@ from bitlaws.sweep import settings
 from bitlaws.sweep.grid import expand_grid
 
 
-class _CompileLog(logging.Handler):
+class CompileLog(logging.Handler):
+    """Sums JAX's compile-time log lines per program name (``jax_log_compiles`` on)."""
+
     pattern = re.compile(r"Finished XLA compilation of (\S+) in ([0-9.e-]+) sec")
 
     def __init__(self):
@@ -57,7 +59,7 @@ def main() -> None:
     handler = None
     if args.log_compiles:
         jax.config.update("jax_log_compiles", True)
-        handler = _CompileLog()
+        handler = CompileLog()
         logging.getLogger("jax").addHandler(handler)
     config = configlib.load_config(args.config)
     cells = [c for c in expand_grid(config) if c.model == args.model and c.setting == args.setting

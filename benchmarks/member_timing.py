@@ -23,7 +23,7 @@ import jax
 
 from bitlaws import configlib
 from bitlaws.sweep import runner
-from cell_timing import _CompileLog  # benchmarks/ is on sys.path when this script runs
+from cell_timing import CompileLog  # benchmarks/ is on sys.path when this script runs
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/sweeps/demo.py")
     args = parser.parse_args()
     jax.config.update("jax_log_compiles", True)
-    handler = _CompileLog()
+    handler = CompileLog()
     logging.getLogger("jax").addHandler(handler)
     config = configlib.load_config(args.config)
     config.models = (args.model,)

@@ -218,7 +218,7 @@ def inception_stats(images_source: Any, *, model: Optional[FIDInceptionV3] = Non
             model has no ``fc`` layer.
         precision: ``jax.default_matmul_precision`` during extraction; None keeps the global setting.
         keep_features: Also return the ``[N, 2048]`` pool3 features (``FeatureRun.features``, for
-            `bitlaws.eval.bootstrap` intervals; 8 KB per image).
+            `bitlaws.eval.intervals`; 8 KB per image).
 
     Returns:
         `FeatureRun` with ``stats`` (pool3 mean/covariance, float64), ``logits`` (``[N, 1008]`` float32 or

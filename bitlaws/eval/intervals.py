@@ -14,10 +14,10 @@ than float.
 
 Why not the bootstrap. Resampling with replacement repeats ~37 % of the samples, which shrinks the
 covariance's effective sample size; FID's small-sample bias (of order ``d / N``) then moves every resample and
-varies between resamples. On Gaussian features of the demo's size (d = 64, N = 500, 40 independent sample sets),
-the bootstrap's standard deviation was about 2x the real seed-to-seed spread and its resamples sat 3.3 above the
-estimate (for an FID of 4.9), while the jackknife's standard error was 1.1-1.4x the spread (slightly
-conservative, as the jackknife is known to be). These intervals describe where the FID *at this sample count*
+varies between resamples. On Gaussian features of the demo's size (d = 64, N = 500, 40 independent sample sets
+at three distances; `python benchmarks/frechet_intervals.py`), the bootstrap's standard deviation was 1.4-1.9x
+the real seed-to-seed spread and its resamples sat 3.0-3.9 above the estimate (for FIDs of 3.3-15.7), while the
+jackknife's standard error was 1.2x the spread (slightly conservative, as the jackknife is known to be). These intervals describe where the FID *at this sample count*
 scatters from seed to seed, which is what comparisons between cells of equal N need; they are not intervals
 for the infinite-sample FID, which lies lower.
 

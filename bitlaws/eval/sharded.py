@@ -74,7 +74,7 @@ class FeatureRun:
       seconds: Wall-clock duration of the call.
       features: (n, d) features of the real images in input order (this
         process's), as the network produced them, when ``keep_features`` was
-        set (for bootstrap intervals, `bitlaws.eval.bootstrap`); else None.
+        set (for the intervals of `bitlaws.eval.intervals`); else None.
     """
 
     stats: FeatureStats

@@ -90,18 +90,18 @@ def _cells_table(cells: Sequence[Cell]) -> list[str]:
     for key, label in _EXTRA_COLUMNS:
         if any(c.raw.get(key) is not None for c in cells) and label not in [e[1] for e in extras]:
             extras.append((key, label))
-    with_interval = [c for c in cells if cell_interval(c)]
-    intervals = bool(with_interval)
+    intervals = {c.key: cell_interval(c) for c in cells}
+    level = next((ci[2] for ci in intervals.values() if ci), None)
     header = ["family", "model", "N", "setting", "format", "method", metric_label(cells)]
-    header += [f"{float(with_interval[0].raw['fid_interval'].get('level', 0.95)):.0%} interval"] if intervals else []
+    header += [f"{level:.0%} interval"] if level is not None else []
     header += ["MT (MB)", "CT (Gbit)"] + [label for _, label in extras]
     ordered = sorted(cells, key=lambda c: (families_of(cells).index(c.family), c.params, not c.is_baseline,
                                            -c.w_bits, -c.a_bits, c.series))
     rows = []
     for c in ordered:
         row = [family_title(c.family), c.model, f"{c.params:,.0f}", c.setting, c.fmt, c.method, _num(c.fid)]
-        if intervals:
-            ci = cell_interval(c)
+        if level is not None:
+            ci = intervals[c.key]
             row.append(f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else "–")
         row += [_num(c.mt_bits / _BITS_PER_MB), _num(c.ct_bits / 1e9)]
         row += [_num(c.raw.get(key)) for key, _ in extras]

@@ -50,15 +50,16 @@ class PairedDifference:
     verdict: str
 
 
-def cell_interval(cell: Cell) -> Optional[tuple[float, float]]:
-    """The record's ``fid_interval`` as ``(lo, hi)``, or None when absent or malformed."""
+def cell_interval(cell: Cell) -> Optional[tuple[float, float, float]]:
+    """The record's ``fid_interval`` as ``(lo, hi, level)`` (level 0.95 when unstated), or None when absent or
+    malformed."""
     raw = cell.raw.get("fid_interval")
     if not isinstance(raw, dict):
         return None
-    lo, hi = raw.get("lo"), raw.get("hi")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)):
+    lo, hi, level = raw.get("lo"), raw.get("hi"), raw.get("level", 0.95)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi, level)):
         return None
-    return float(lo), float(hi)
+    return float(lo), float(hi), float(level)
 
 
 def _seed(cell: Cell) -> object:
