@@ -135,6 +135,99 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                    progress=not args.no_progress)
 
 
+def _numbers(text: str, what: str) -> list[float]:
+    """``"0:40:2"`` (start:stop:step, stop included) or ``"10,20,inf"`` -> floats."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(part) for part in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return [start + i * step for i in range(count) if start + i * step <= stop + 1e-9]
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be START:STOP:STEP or a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from bitlaws.analysis import run  # pylint: disable=g-import-not-at-top
+    from bitlaws.analysis.subjects import LAYER_KINDS, Precision  # pylint: disable=g-import-not-at-top
+
+    _require(args.n >= 1, f"--n must be >= 1, got {args.n}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    command = "bitlaws " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["analyze", args.analysis]))
+    common = dict(n=args.n, seed=args.seed, command=command)
+    if args.analysis == "errors":
+        precision = Precision(args.precision, args.format, args.method)
+        from bitlaws.sweep import settings  # pylint: disable=g-import-not-at-top
+
+        settings.quant_rules(precision.setting, precision.format, ".*")  # a bad setting fails before any work
+        settings.get_method(precision.method)
+        subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
+        paths = run.analyze_errors(subjects, args.out, precision=precision, **common)
+    elif args.analysis == "noise":
+        snrs = _numbers(args.snrs, "--snrs")
+        accumulation = _numbers(args.accumulation_snrs, "--accumulation-snrs")
+        _require(0 < args.fraction <= 1, f"--fraction must be in (0, 1], got {args.fraction}")
+        subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
+        paths = run.analyze_noise(subjects, args.out, snrs=snrs, step=args.step, accumulation_snrs=accumulation,
+                                  fraction=args.fraction, **common)
+    else:
+        kinds = [k.strip() for k in args.layers.split(",") if k.strip()]
+        _require(bool(kinds) and all(k in LAYER_KINDS for k in kinds),
+                 f"--layers must be a comma list of {', '.join(LAYER_KINDS)}, got {args.layers!r}")
+        blocks = [int(b) for b in _numbers(args.blocks, "--blocks")]
+        subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
+        paths = run.analyze_activations(subjects, args.out, blocks=blocks, kinds=kinds, **common)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_analyze_parser(sub) -> None:
+    analyze = sub.add_parser("analyze", help="the paper's error-tolerance analyses: errors, noise, activations",
+                             description="Section 3.2 of the paper as commands: per-step quantization errors "
+                                         "(Figure 2), noise at a set SNR on the network output (Figure 3), layer "
+                                         "input distributions over time (Figure 4). Each writes JSON, PNG and SVG "
+                                         "into --out and refreshes analysis.md there.")
+    analyses = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS")
+    analyses.required = True
+    errors = analyses.add_parser("errors", help="per-step error after feature extraction and after reconstruction")
+    errors.add_argument("--precision", default="W4A8", help="quantized setting W<w>A<a> (default W4A8)")
+    errors.add_argument("--format", default="int", help="format family int / fp (default int)")
+    errors.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    noise = analyses.add_parser("noise", help="single-step SNR sweep and early-noise accumulation")
+    noise.add_argument("--snrs", default="0:40:2", help="single-step SNRs in dB, START:STOP:STEP or a list "
+                                                        "(default 0:40:2; +inf is always added as the control)")
+    noise.add_argument("--step", type=int, default=None, help="the noisy step (default: the middle one; negative "
+                                                               "counts from the end)")
+    noise.add_argument("--accumulation-snrs", default="10,20,30", help="SNRs of the accumulation runs (dB)")
+    noise.add_argument("--fraction", type=float, default=0.1, help="share of leading steps that get noise (0.1)")
+    acts = analyses.add_parser("activations", help="fc1 / qkv / fc2 input distributions over scales / timesteps")
+    acts.add_argument("--blocks", default="4,14", help="0-based block indices, clamped to the depth (default 4,14 "
+                                                        "= the paper's 5th and 15th)")
+    acts.add_argument("--layers", default="fc1,qkv,fc2", help="layer kinds (default fc1,qkv,fc2)")
+    for parser, n in ((errors, 20), (noise, 20), (acts, 8)):
+        parser.add_argument("--models", default="var-d4,dit-d4",
+                            help="demo members, comma-separated (default var-d4,dit-d4; '' with --var/--dit only)")
+        parser.add_argument("--var", nargs=2, metavar=("VAR_DIR", "VQVAE_DIR"),
+                            help="also a ported VAR: the `bitlaws port var` and `bitlaws port vqvae` folders "
+                                 "(sampled with cfg 1.5, top-k 900, top-p 0.96)")
+        parser.add_argument("--dit", nargs=2, metavar=("DIT_DIR", "VAE_DIR"),
+                            help="also a ported DiT: the `bitlaws port dit` and `bitlaws port vae` folders "
+                                 "(250 DDPM steps, cfg 1.5)")
+        parser.add_argument("--dit-respacing", default=None, help="DDIM respacing of demo DiTs (e.g. ddim10)")
+        parser.add_argument("--n", type=int, default=n, help=f"samples (default {n})")
+        parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling draws")
+        parser.add_argument("--out", default="runs/demo/analysis",
+                            help="output folder (default runs/demo/analysis, which `bitlaws report --results "
+                                 "runs/demo` links)")
+    analyze.set_defaults(func=_cmd_analyze)
+
+
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="sweep config FILE.py[:ARG], e.g. configs/sweeps/demo.py")
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, config.json)")
@@ -246,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=50, help="images per step, >= 1 (default 50)")
         p.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
+    _add_analyze_parser(sub)
     return parser
 
 
@@ -257,12 +351,13 @@ def _version() -> str:
 
 # Subcommands that compile XLA programs: they run with JAX's persistent compilation cache (`bitlaws.compile_cache`:
 # the user's cache folder unless BITLAWS_COMPILATION_CACHE=0), so a second run starts warm.
-COMPILING_COMMANDS = ("sweep", "ptq", "train", "eval", "port")
+COMPILING_COMMANDS = ("sweep", "ptq", "train", "eval", "port", "analyze")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by jobs that write what made them
     if args.command in COMPILING_COMMANDS:
         from bitlaws import compile_cache  # pylint: disable=g-import-not-at-top
 

@@ -11,9 +11,10 @@ changes the verdict RTN gives.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from bitlaws.laws import pareto
+from bitlaws.laws.uncertainty import MetricDraws
 from bitlaws.laws.fit import BASELINE_SETTING, Cell, families_of, family_title, fit_all, mean_over_seeds
 
 RTN = "rtn"
@@ -40,8 +41,12 @@ def quantized_methods(cells: Sequence[Cell]) -> list[str]:
     return sorted(names, key=lambda m: (order.get(m, len(order)), m))
 
 
-def method_tables(cells: Sequence[Cell], metric: str) -> list[str]:
-    """Markdown lines of the method comparison (empty when the cells hold one method only)."""
+def method_tables(cells: Sequence[Cell], metric: str, draws: Optional[MetricDraws] = None) -> list[str]:
+    """Markdown lines of the method comparison (empty when the cells hold one method only).
+
+    `draws` (`bitlaws.laws.uncertainty.metric_draws` of the cells) makes the per-method bit-level verdicts say
+    "not resolved" where the cells' sampling noise leaves a curve's position open, as the main verdict does.
+    """
     methods = quantized_methods(cells)
     if len(methods) < 2:
         return []
@@ -77,7 +82,7 @@ def method_tables(cells: Sequence[Cell], metric: str) -> list[str]:
                             ratios.setdefault((setting, fmt), {}).setdefault(method, []).append(value / rtn)
             lines.append("")
         lines += _ratio_table(ratios, [m for m in methods if m != RTN], metric)
-        lines += _summary(family, mine, wins)
+        lines += _summary(family, mine, wins, draws)
     return lines
 
 
@@ -103,7 +108,8 @@ def _ratio_table(ratios: dict[tuple[str, str], dict[str, list[float]]], methods:
     return lines + [""]
 
 
-def _summary(family: str, cells: Sequence[Cell], wins: dict[str, list[int]]) -> list[str]:
+def _summary(family: str, cells: Sequence[Cell], wins: dict[str, list[int]],
+             draws: Optional[MetricDraws] = None) -> list[str]:
     lines = []
     for method, (won, total) in wins.items():
         if total:
@@ -114,7 +120,7 @@ def _summary(family: str, cells: Sequence[Cell], wins: dict[str, list[int]]) -> 
     for method in quantized_methods(cells):
         subset = baseline + [c for c in cells if c.method == method and not c.is_baseline]
         try:
-            verdict = pareto.verdicts(subset, fit_all(subset, n_boot=0)).get(family)
+            verdict = pareto.verdicts(subset, fit_all(subset, n_boot=0), draws=draws).get(family)
         except ValueError:
             verdict = None
         if verdict is not None:

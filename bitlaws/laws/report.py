@@ -11,6 +11,7 @@ import os
 import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from bitlaws.analysis.summary import ANALYSIS_DIR, SUMMARY_FILE, summary_lines
 from bitlaws.laws import pareto
 from bitlaws.laws.methods_report import method_tables
 from bitlaws.laws.qat_report import qat_section
@@ -18,7 +19,7 @@ from bitlaws.laws.fit import (BASELINE_SETTING, BivariateFit, Cell, LawFits, Pow
                               cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
                               series_of)
 from bitlaws.laws.results_file import read_results
-from bitlaws.laws.uncertainty import cell_interval, uncertainty_section
+from bitlaws.laws.uncertainty import DEFAULT_DRAWS, MetricDraws, cell_interval, metric_draws, uncertainty_section
 
 REPORT_FILE = "report.md"
 _SAMPLE_KEYS = ("n_samples", "num_samples", "samples")
@@ -188,7 +189,33 @@ def _budget_section(cells: Sequence[Cell], fits: LawFits, metric: str) -> list[s
     return lines
 
 
-def _verdict_section(cells: Sequence[Cell], fits: LawFits) -> list[str]:
+def _draws_text(draws: MetricDraws) -> str:
+    sources = []
+    if draws.paired:
+        sources.append(f"{draws.paired} cells jointly from their stored jackknife replicates, so that sampling "
+                       "noise the cells of one seed share (the same noise and labels) stays shared")
+    if draws.independent:
+        sources.append(f"{draws.independent} cells independently from their interval's standard error")
+    return "; ".join(sources + ["cells without either as measured"])
+
+
+def _curve_table(comparisons: Sequence[pareto.SeriesComparison], axis_name: str) -> list[str]:
+    rows = []
+    for c in comparisons:
+        if not c.compared:
+            rows.append([c.series, c.position, "–", "–", "–", "–", "–"])
+            continue
+        low, high = c.log_ratio_interval
+        interval = f"[{low:+.3f}, {high:+.3f}]" if math.isfinite(low) and math.isfinite(high) else "–"
+        shares = ", ".join(f"{p} {share:.0%}" for p, share in sorted(c.draw_shares.items(), key=lambda i: -i[1]))
+        rows.append([c.series, c.position, f"{c.frac_lower:.0%}", f"{c.mean_log_ratio:+.3f}", interval,
+                     shares or "–", "yes" if c.resolved else f"**{c.resolved_position}**"])
+    level = f"{pareto.INTERVAL_LEVEL:.0%}"
+    return _table(["precision", "position (point fits)", f"{axis_name} range lower", "mean log ratio",
+                   f"{level} interval", "positions in the draws", "resolved"], rows)
+
+
+def _verdict_section(cells: Sequence[Cell], fits: LawFits, draws: Optional[MetricDraws] = None) -> list[str]:
     lines = ["## Verdict on the paper's finding", "",
              f"The paper reports that VAR's quantized curves lie lower-left of its {BASELINE_SETTING} curve (at equal "
              "model bits the quantized models are better) while DiT's do not. Each quantized curve is compared with "
@@ -197,8 +224,19 @@ def _verdict_section(cells: Sequence[Cell], fits: LawFits) -> list[str]:
              f"{pareto.UPPER_RIGHT_FRACTION:.0%}, crossing otherwise. A family's claim holds when ≥ 2/3 of its "
              "compared curves agree with it (crossing counts half), does not hold when ≤ 1/3 do, and is mixed in "
              "between.", ""]
-    on_mt = pareto.verdicts(cells, fits, "mt_bits")
-    on_ct = pareto.verdicts(cells, fits, "ct_bits")
+    if draws is not None:
+        lines += [f"How sure: every cell's metric is redrawn {draws.n_draws} times (seed {draws.seed}) from its "
+                  f"sampling noise: {_draws_text(draws)}. Every curve is refitted to each draw, and a curve's "
+                  f"position is resolved when ≥ {pareto.RESOLVED_AGREEMENT:.0%} of the draws give it; otherwise "
+                  "it is **not resolved**, and every position more than "
+                  f"{1 - pareto.RESOLVED_AGREEMENT:.0%} of the draws give stays possible. A family's verdict "
+                  "stands when the lowest and the highest lower-left share those possible positions allow give "
+                  "the same verdict, and is **not resolved** otherwise. Mean log ratio: the mean of "
+                  f"log(quantized / {BASELINE_SETTING}) over the shared "
+                  f"range (negative: quantized lower), with the {pareto.INTERVAL_LEVEL:.0%} percentile interval of "
+                  "the draws.", ""]
+    on_mt = pareto.verdicts(cells, fits, "mt_bits", draws=draws)
+    on_ct = pareto.verdicts(cells, fits, "ct_bits", draws=draws)
     order = {"var": 0, "dit": 1}
     for family in sorted(set(pareto.PAPER_CLAIMS) | set(on_mt), key=lambda f: (order.get(f, 2), f)):
         if family not in on_mt:
@@ -217,12 +255,22 @@ def _verdict_section(cells: Sequence[Cell], fits: LawFits) -> list[str]:
                         f"{'favours' if favours_quantized else 'does not favour'} fewer bits per parameter"
                         + (f", {'in line with' if favours_quantized == pareto.PAPER_CLAIMS[family] else 'against'}"
                            f" the paper's claim" if family in pareto.PAPER_CLAIMS else "") + ".")
-        lines.append(f"* **{family_title(family)}** — claim: {claim}. Result on MT: **{mt.verdict}** "
-                     f"({mt.explanation}). On CT: {ct.verdict} ({ct.explanation}). Per curve on MT: "
-                     f"{positions or 'none'}.{law_text}")
-        lines.append("")
-    lines.append("These verdicts are computed from the fitted curves of this run; with few sizes per curve the "
-                 "intervals above are wide, so treat a verdict whose curves mostly cross as weak evidence.")
+        if draws is None:
+            lines.append(f"* **{family_title(family)}** — claim: {claim}. Result on MT: **{mt.verdict}** "
+                         f"({mt.explanation}). On CT: {ct.verdict} ({ct.explanation}). Per curve on MT: "
+                         f"{positions or 'none'}.{law_text}")
+            lines.append("")
+            continue
+        lines += [f"* **{family_title(family)}** — claim: {claim}. Result on MT: **{mt.verdict}** "
+                  f"({mt.explanation}). On CT: {ct.verdict} ({ct.explanation}).{law_text} Per curve on MT:", ""]
+        lines += (_curve_table(mt.comparisons, "MT") if mt.comparisons else ["No quantized curve."]) + [""]
+    if draws is None:
+        lines.append("These verdicts are computed from the fitted curves of this run; with few sizes per curve the "
+                     "intervals above are wide, so treat a verdict whose curves mostly cross as weak evidence.")
+    else:
+        lines.append("The draws carry the cells' sampling noise at their sample count into the curves; they do not "
+                     "cover the choice of model sizes or of the law's form, so with few sizes per curve even a "
+                     "resolved position can move when sizes are added.")
     return lines + [""]
 
 
@@ -253,11 +301,24 @@ def _samples_section(cells: Sequence[Cell], samples_root: Optional[pathlib.Path]
     return lines
 
 
+def _analysis_section(root: Optional[pathlib.Path], out_dir: pathlib.Path) -> list[str]:
+    """What ``bitlaws analyze`` found, when the sweep folder has an ``analysis/`` folder with its JSON files."""
+    if root is None:
+        return []
+    directory = root / ANALYSIS_DIR
+    body = summary_lines(directory, relative_to=out_dir)
+    if not body:
+        return []
+    shown = os.path.relpath(directory, out_dir)
+    return ["## Error-tolerance analyses (paper section 3.2)", "",
+            f"From `bitlaws analyze` (JSON, PNG, SVG and `{SUMMARY_FILE}` in `{shown}/`).", "", *body]
+
+
 def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, pathlib.Path],
                  fits: Optional[LawFits] = None, plots: Sequence[pathlib.Path] = (),
                  source: Optional[str] = None, n_boot: int = 200, seed: int = 0,
                  samples_root: Optional[Union[str, pathlib.Path]] = None,
-                 notices: Sequence[str] = ()) -> pathlib.Path:
+                 notices: Sequence[str] = (), n_draws: int = DEFAULT_DRAWS) -> pathlib.Path:
     """Writes ``out_dir/report.md`` and returns its path.
 
     Args:
@@ -267,13 +328,16 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
         plots: Plot files to link (relative to `out_dir` when inside it).
         source: Where the rows came from, for the provenance section.
         n_boot: Bootstrap resamples when fitting here.
-        seed: Bootstrap seed when fitting here.
+        seed: Bootstrap seed when fitting here, and the seed of the verdicts' draws.
         samples_root: Folder that records' ``samples_image`` paths are relative to (the sweep folder); when
             given, a Samples section shows each family's largest model at every precision.
         notices: What reading the rows skipped (`ResultsRead.notices`), listed in the provenance section.
+        n_draws: Draws of the cells' metrics behind the verdicts when any cell has an interval
+            (`bitlaws.laws.uncertainty.metric_draws`; stored jackknife replicates are read under `samples_root`);
+            0 decides the verdicts on the point fits alone.
 
     Raises:
-        ValueError: No usable cells.
+        ValueError: No usable cells, or cells with intervals that share a key.
     """
     if isinstance(rows, (str, pathlib.Path)):
         source = source or str(rows)
@@ -293,9 +357,12 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
              f"Families: {families}. Precisions: "
              + ", ".join(sorted({s for f in families_of(cells) for s in series_of(cells, f)})) + ".", ""]
     lines += _provenance(cells, n_rows, fits, source, notices)
-    lines += _verdict_section(cells, fits)
-    lines += uncertainty_section(cells, pathlib.Path(samples_root) if samples_root is not None else None, metric)
-    lines += method_tables(cells, metric)
+    root = pathlib.Path(samples_root) if samples_root is not None else None
+    draws = metric_draws(cells, root, n_draws=n_draws, seed=seed) if n_draws > 0 else None
+    lines += _verdict_section(cells, fits, draws)
+    lines += uncertainty_section(cells, root, metric)
+    lines += _analysis_section(root, out_dir)
+    lines += method_tables(cells, metric, draws)
     lines += qat_section(cells, metric)
     png = [pathlib.Path(p) for p in plots if pathlib.Path(p).suffix == ".png"]
     if png:
@@ -303,7 +370,7 @@ def write_report(rows: Union[RowsLike, Sequence[Cell]], out_dir: Union[str, path
         for path in png:
             shown = path.name if path.parent.resolve() == out_dir.resolve() else str(path)
             lines += [f"![{path.stem}]({shown})", ""]
-    lines += _samples_section(cells, pathlib.Path(samples_root) if samples_root is not None else None, out_dir, metric)
+    lines += _samples_section(cells, root, out_dir, metric)
     lines += _fits_section(fits, metric)
     lines += _bivariate_section(fits, metric)
     lines += _budget_section(cells, fits, metric)
@@ -356,6 +423,6 @@ def analyze(results: Union[str, pathlib.Path], out_dir: Optional[Union[str, path
         raise ValueError(f"report output folder {out_dir} is an existing file")
     fits = fit_all(cells, n_boot=n_boot, seed=seed, workers=workers)
     plots = plot_scaling(cells, out_dir, fits)
-    report = write_report(read.rows, out_dir, fits=fits, plots=plots, source=str(results),
+    report = write_report(read.rows, out_dir, fits=fits, plots=plots, source=str(results), seed=seed,
                           samples_root=results if results.is_dir() else results.parent, notices=read.notices)
     return AnalysisOutputs(report, tuple(plots), fits, read.notices)

@@ -75,6 +75,15 @@ class _Sink:
             calls.append(Call(*pending))
         return calls
 
+    def take_calls(self) -> list[Call]:
+        """`calls` recorded so far, then forgets them (a long run can summarise and drop as it goes).
+
+        Call `jax.effects_barrier` first so that every callback of the computations run so far has landed.
+        """
+        calls = self.calls()
+        self.records.clear()
+        return calls
+
 
 # Recorders name their sink by a token (a static string) looked up when a callback fires: two recordings of the
 # same model and paths have equal graphs, so a compiled forward is reused instead of recompiled, and it still

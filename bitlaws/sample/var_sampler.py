@@ -17,7 +17,7 @@ shared by every quantized variant of a model).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,21 @@ class VARSamples(NamedTuple):
     Attributes:
         images: ``[B, H, W, 3]`` float32 in [0, 1].
         tokens: Per scale int32 ``[B, pn*pn]`` sampled token indices (row-major).
-        guided_logits: Per scale float32 ``[B, pn*pn, V]`` CFG-combined logits, before masking.
+        guided_logits: Per scale float32 ``[B, pn*pn, V]`` CFG-combined logits, before masking (after
+            `perturb_logits` when one is given).
+        f_hats: Per scale float32 ``[B, h, w, Cvae]`` the tokenizer's cumulative features after the scale's codes
+            were added (the last one is what gets decoded).
     """
 
     images: jax.Array
     tokens: list[jax.Array]
     guided_logits: list[jax.Array]
+    f_hats: list[jax.Array]
+
+
+LogitsPerturbation = Callable[[int, jax.Array], jax.Array]
+"""``perturb(si, guided [B, l, V]) -> [B, l, V]``: changes a scale's guided logits before tokens are drawn. ``l`` is
+the scale's padded length (rows past ``pn**2`` are padding and ignored); it must keep shape and dtype."""
 
 
 def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
@@ -273,7 +282,8 @@ def _labels(var: VAR, batch: int, label_B: Union[None, int, Sequence[int], jax.A
 def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None, int, Sequence[int], jax.Array],
                              key: jax.Array, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                              more_smooth: bool = False, return_logits: bool = False,
-                             padding: float = DEFAULT_PADDING) -> Union[jax.Array, VARSamples]:
+                             padding: float = DEFAULT_PADDING,
+                             perturb_logits: Optional[LogitsPerturbation] = None) -> Union[jax.Array, VARSamples]:
     """Generates class-conditional images with VAR (upstream ``autoregressive_infer_cfg``).
 
     Args:
@@ -294,9 +304,12 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
             (`scale_lengths`; 0: one program per distinct scale length). Padding changes no real token's
             value beyond float reassociation (rows are independent), except that it is turned off for models
             whose dynamic per-tensor activation calibrator would see the padding (`rows_independent`).
+        perturb_logits: Optional `LogitsPerturbation` applied to every scale's guided logits before sampling
+            (the error analyses inject noise there, `bitlaws.analysis`); None draws exactly as without it.
 
     Returns:
-        ``[B, H, W, 3]`` float32 images in [0, 1], or a `VARSamples` when `return_logits`.
+        ``[B, H, W, 3]`` float32 images in [0, 1], or a `VARSamples` (with the per-scale tokens, logits and
+        f_hat) when `return_logits`.
     """
     patch_nums = tuple(var.patch_nums)
     if tuple(getattr(vae, "v_patch_nums", patch_nums)) != patch_nums:
@@ -313,17 +326,24 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
     capacity = max(begin + length for (begin, _), length in zip(bounds, lengths))
     cond_BD, rows, cache, f_hat = _initial_state(var_def, var_state, labels_2B, first_length=lengths[0],
                                                  capacity=capacity)
-    tokens, guided_logits = [], []
+    tokens, guided_logits, f_hats = [], [], []
     for si, ((begin, end), length) in enumerate(zip(bounds, lengths)):
         guided, cache = _scale_logits(var_def, var_state, rows, cond_BD, cache,
                                       _guidance_weights(cfg, si, num_scales), np.int32(begin), np.int32(end - begin))
+        if perturb_logits is not None:
+            perturbed = perturb_logits(si, guided)
+            if perturbed.shape != guided.shape or perturbed.dtype != guided.dtype:
+                raise ValueError(f"perturb_logits changed scale {si}'s logits from {guided.shape} {guided.dtype} to "
+                                 f"{perturbed.shape} {perturbed.dtype}")
+            guided = perturbed
         idx, guided, f_hat, rows = _scale_tokens_to_codes(
             vae_def, vae_state, guided, f_hat, scale_keys[si], patch_nums=patch_nums, si=si,
             next_length=lengths[min(si + 1, num_scales - 1)], top_k=int(top_k), top_p=float(top_p),
             more_smooth=bool(more_smooth))
         tokens.append(idx)
         guided_logits.append(guided)
+        f_hats.append(f_hat)
     images = _decode(vae_def, vae_state, f_hat)
     if return_logits:
-        return VARSamples(images, tokens, guided_logits)
+        return VARSamples(images, tokens, guided_logits, f_hats)
     return images
