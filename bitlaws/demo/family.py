@@ -60,12 +60,26 @@ def register_family(family: str, names: Callable[[], list[str]], load: Callable[
     _FAMILIES[family] = FamilyEntry(names, load)
 
 
+# The shipped families register themselves when their module is imported; the lookups below import them on first
+# use, so ``family.load_member("var-d2")`` works without importing `bitlaws.demo.var_family` first.
+SHIPPED_FAMILY_MODULES = ("bitlaws.demo.var_family", "bitlaws.demo.dit_family")
+
+
+def _import_shipped() -> None:
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    for module in SHIPPED_FAMILY_MODULES:
+        importlib.import_module(module)
+
+
 def families() -> list[str]:
+    _import_shipped()
     return sorted(_FAMILIES)
 
 
 def member_names(family: str) -> list[str]:
     """The shipped members of `family` (``"var"`` / ``"dit"``), smallest first."""
+    _import_shipped()
     if family not in _FAMILIES:
         raise ValueError(f"unknown demo family {family!r}; registered: {families()}")
     return list(_FAMILIES[family].names())
@@ -74,6 +88,7 @@ def member_names(family: str) -> list[str]:
 def load_member(name: str) -> DemoMember:
     """Loads ``<family>-<member>`` (e.g. ``var-d4``) from the shipped checkpoints."""
     family = name.split("-", 1)[0]
+    _import_shipped()
     if family not in _FAMILIES:
         raise ValueError(f"unknown demo family {family!r} in {name!r}; registered: {families()}")
     return _FAMILIES[family].load(name)

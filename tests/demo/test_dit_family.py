@@ -145,3 +145,14 @@ def test_cli_train_records_its_command(tmp_path):
     command = metadata["training"]["command"]
     assert command.startswith("bitlaws train --config ") and "depth=1,quick" in command
     assert "--set train.steps=1" in command and command.endswith(f"--out {out}")
+
+
+def test_lookups_import_the_shipped_families_themselves():
+    """``family.load_member("var-d2")`` works in a fresh process that imported only `bitlaws.demo.family`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bitlaws.demo import family; assert 'bitlaws.demo.var_family' not in sys.modules; "
+            "print(family.families(), family.member_names('var')[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['dit', 'var'] var-d1"

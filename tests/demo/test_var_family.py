@@ -105,6 +105,7 @@ def test_tokenizer_training_forward_picks_the_inference_tokens(smallest, val_sub
     np.testing.assert_array_equal(np.asarray(training_tokens(vae, images)), reference)
 
 
+@pytest.mark.slow  # 30 s; resuming the one trainer is covered by tests/train/test_train_kill_resume.py
 def test_two_step_training_resumes(tmp_path):
     config = load_config(f"{VAR_CONFIG}:depth=1,quick")
     config.train.steps = 4

@@ -220,6 +220,7 @@ _FOUR_DEVICES = textwrap.dedent(
     """)
 
 
+@pytest.mark.slow  # 30 s (a subprocess re-imports JAX); sharding is covered by tests/eval/test_sharded.py
 def test_four_devices_match_one_device(array_run, tmp_path):
     out = tmp_path / "four.npz"
     script = tmp_path / "four.py"
