@@ -219,7 +219,9 @@ def _add_analyze_parser(sub) -> None:
         parser.add_argument("--dit", nargs=2, metavar=("DIT_DIR", "VAE_DIR"),
                             help="also a ported DiT: the `bitlaws port dit` and `bitlaws port vae` folders "
                                  "(250 DDPM steps, cfg 1.5)")
-        parser.add_argument("--dit-respacing", default=None, help="DDIM respacing of demo DiTs (e.g. ddim10)")
+        parser.add_argument("--dit-respacing", default=None,
+                            help="fewer DiT steps for a quick run: the DDIM respacing of demo DiTs (e.g. ddim10) and "
+                                 "the DDPM respacing of a ported DiT (e.g. 25; default 250)")
         parser.add_argument("--n", type=int, default=n, help=f"samples (default {n})")
         parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling draws")
         parser.add_argument("--out", default="runs/demo/analysis",

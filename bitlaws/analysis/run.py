@@ -40,7 +40,8 @@ def load_subjects(models: Sequence[str] = (), *, var_dirs: Optional[Sequence[str
         models: Demo member names (``var-d4`` ...).
         var_dirs: ``(var folder, vqvae folder)`` of a ported VAR, or None.
         dit_dirs: ``(dit folder, vae folder)`` of a ported DiT, or None.
-        dit_respacing: Another DDIM respacing for demo DiTs (fewer steps for quick runs).
+        dit_respacing: Fewer steps for quick runs: the DDIM respacing of demo DiTs (``"ddim10"``) and the
+            respacing of a ported DiT's DDPM sampler (``"25"``; default ``"250"``, the paper's protocol).
 
     Raises:
         ValueError: nothing to analyse, or an unknown member.
@@ -50,7 +51,8 @@ def load_subjects(models: Sequence[str] = (), *, var_dirs: Optional[Sequence[str
     if var_dirs:
         subjects.append(ported_var(*var_dirs))
     if dit_dirs:
-        subjects.append(ported_dit(*dit_dirs))
+        sampling = None if dit_respacing is None else {"timestep_respacing": dit_respacing.removeprefix("ddim")}
+        subjects.append(ported_dit(*dit_dirs, sampling=sampling))
     if not subjects:
         raise ValueError("nothing to analyse: name demo models (--models var-d4,dit-d4) or ported folders")
     return subjects
