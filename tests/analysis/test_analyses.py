@@ -19,7 +19,7 @@ def test_errors_one_point_per_step_and_zero_for_the_float_setting(which, var_sub
     same = errors.run_errors(subject, subjects.Precision("W16A16", "none", "rtn"), n=3)
     assert same["feature_error"] == [0.0] * subject.num_steps
     assert same["representation_error"] == [0.0] * subject.num_steps and same["image_mse"] == 0.0
-    record = errors.run_errors(subject, subjects.Precision("W4A8", "int", "rtn"), n=3)
+    record = errors.run_errors(subject, subjects.Precision("W4A16", "int", "rtn"), n=3)
     assert len(record["feature_error"]) == len(record["representation_error"]) == len(record["steps"]) \
         == subject.num_steps
     assert record["feature_error"][0] > 0  # the first step sees the same input: its error is the network's own
@@ -49,7 +49,8 @@ def test_accumulation_noise_only_in_the_first_steps(dit_subject):
     assert len(noisy["representation_error"]) == dit_subject.num_steps
     assert noisy["representation_error"][0] > 0 and noisy["loss"] > 0
     assert clean["representation_error"] == [0.0] * dit_subject.num_steps and clean["loss"] == 0.0
-    assert summary.growth(noisy, 2) == pytest.approx(noisy["representation_error"][-1] / noisy["representation_error"][1])
+    errors_ = noisy["representation_error"]
+    assert summary.growth(noisy, 2) == pytest.approx(errors_[-1] / errors_[1])
     assert summary.growth(clean, 2) is None
 
 
@@ -98,7 +99,8 @@ def test_activations_of_var_skip_the_padding(var_subject):
 
 def test_cli_writes_json_figures_and_summary(tmp_path):
     out = tmp_path / "analysis"
-    assert cli.main(["analyze", "errors", "--models", "var-d1", "--n", "3", "--out", str(out)]) == 0
+    assert cli.main(["analyze", "errors", "--models", "var-d1", "--precision", "W4A16", "--n", "3",
+                     "--out", str(out)]) == 0
     assert cli.main(["analyze", "noise", "--models", "var-d1", "--n", "3", "--snrs", "0:20:10",
                      "--accumulation-snrs", "0", "--out", str(out)]) == 0
     for name in ("errors.json", "errors.png", "errors.svg", "noise.json", "noise_single_step.png",

@@ -17,7 +17,8 @@ FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 
 def _config(path: pathlib.Path, sections: dict) -> str:
     clean = {name: {k: v for k, v in ctor.items() if k not in ("cls", "vae_local")} for name, ctor in sections.items()}
-    path.write_text(f"import ml_collections\n\n\ndef get_config(arg=None):\n    return ml_collections.ConfigDict({clean!r})\n")
+    path.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
+                    f"    return ml_collections.ConfigDict({clean!r})\n")
     return str(path)
 
 
