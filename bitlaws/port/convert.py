@@ -16,6 +16,13 @@ kind        official file                             constructor from
 The output folder must be new, empty, or (with ``force``) hold an earlier port, which is replaced; any other
 non-empty folder is refused. Everything that can be checked without the weights (the output folder, the
 config and its sections, the checkpoint path) is checked before the checkpoint is read.
+
+The weights are streamed: the checkpoint is opened lazily (torch archives: each tensor stays in the file
+until it is written), the kind's port function checks the whole port against ``nnx.eval_shape`` of the model
+(every missing, unexpected or misshapen key named) while recording its `PortPlan` instead of loading
+weights, and `bitlaws.checkpoint.save_deferred_state` then reads, transforms and writes the leaves a batch
+at a time. Peak memory stays near one batch plus the process's own, not the model's size
+(``benchmarks/port_memory.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import ml_collections
 from flax import nnx
 
 from bitlaws import checkpoint, configlib
+from bitlaws.port import mapping
 from bitlaws.port.reader import read_state_dict
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -62,7 +70,8 @@ class Kind:
 
     Attributes:
         ctor_from_config: ``config -> constructor kwargs`` (JSON-friendly).
-        port: ``(state_dict, ctor) -> model``.
+        port: ``(state_dict, ctor) -> model``, through `bitlaws.port.mapping.port_state_dict` (so that
+            `convert` can record its plan).
         build: ``ctor -> model`` (evaluated abstractly when loading).
         default_config: Config used when the user gives none (None: a config is required).
         sections: Config sections `ctor_from_config` reads (``("var", "vqvae")``).
@@ -297,10 +306,23 @@ def convert(kind: str, ckpt: Union[str, pathlib.Path], out: Union[str, pathlib.P
     if not path.is_file():
         what = "is a folder, not a weight file" if path.is_dir() else "not found"
         raise FileNotFoundError(f"checkpoint {str(path)!r} {what}")
-    model = spec.port(read_state_dict(path, key=key), ctor)
+    plan = port_plan(kind, read_state_dict(path, key=key, lazy=True), ctor)
     metadata = dict(kind=kind, ctor=ctor, source=dict(file=path.name, sha256=_sha256(path), key=key),
                     config=config_spec or None)
-    return checkpoint.save_model(model, out, metadata)
+    return checkpoint.save_deferred_state(plan.deferred_state(), out, metadata)
+
+
+def port_plan(kind: str, state_dict: Mapping[str, Any], ctor: dict[str, Any]) -> mapping.PortPlan:
+    """The checked `PortPlan` of porting `state_dict` as `kind` (no weight is read or converted).
+
+    Raises:
+        PortError: the state dict does not fit the model (every bad key named).
+    """
+    with mapping.recording_plans() as plans:
+        KINDS[kind].port(state_dict, ctor)
+    if len(plans) != 1:
+        raise RuntimeError(f"porting {kind!r} made {len(plans)} port plans, expected one")
+    return plans[0]
 
 
 def load_ported(directory: Union[str, pathlib.Path]) -> nnx.Module:

@@ -13,18 +13,29 @@ the transform) to one destination path of the NNX model's state::
 Placeholders ``{name}`` match one dotted component. `port_state_dict` applies the table to a state dict,
 checks the result against the abstract model (every missing, unexpected or misshapen key is named in
 one `PortError`), and returns a concrete model.
+
+The checked port is a `PortPlan` (`plan_port`): the abstract model plus, per state leaf, its source tensors
+and transform, evaluated only when the leaf is needed. `PortPlan.build` fills the model leaf by leaf;
+`PortPlan.deferred_state` hands the leaves to `bitlaws.checkpoint.save_deferred_state`, which writes them
+to disk a batch at a time (with lazily read sources, no copy of the whole model is ever in memory). Inside
+`recording_plans`, `port_state_dict` records its plan and returns the abstract model instead, so a model's
+own port function (with its ``ctor`` handling and extra checks) yields the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from bitlaws.checkpoint import DeferredArray
 
 Transform = Callable[..., np.ndarray]
 
@@ -111,22 +122,69 @@ def _placeholders(pattern: str) -> list[str]:
     return re.findall(r"\{(\w+)\}", pattern)
 
 
-def apply_table(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap],
-                ignore: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Maps a source state dict through a table.
+@dataclasses.dataclass(frozen=True, eq=False)
+class PortedLeaf:
+    """One destination leaf of a port, computed on demand from its source tensors.
+
+    Attributes:
+        sources: The source values (arrays, or lazily read tensors such as
+            `bitlaws.port.torch_pickle.StoredTensor`; anything ``np.asarray`` accepts with ``shape``/``dtype``).
+        transform: ``fn(*sources) -> array``.
+        shape: Shape of the transformed array (known without reading the sources).
+        dtype: Dtype of the transformed array.
+    """
+
+    sources: tuple[Any, ...]
+    transform: Transform
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def value(self) -> np.ndarray:
+        """Reads the sources and applies the transform."""
+        return np.asarray(self.transform(*(np.asarray(src) for src in self.sources)))
+
+
+_SHAPE_RULES: dict[Callable, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
+    identity: lambda s: s,
+    linear: lambda s: s[::-1] if len(s) == 2 else None,
+    conv: lambda s: (s[2], s[3], s[1], s[0]) if len(s) == 4 else None,
+}
+"""Output shapes of common single-source transforms (others are probed on a stand-in, see `_leaf`)."""
+
+
+def _leaf(transform: Transform, sources: tuple[Any, ...]) -> PortedLeaf:
+    """A `PortedLeaf` whose output shape and dtype are found without reading `sources`.
+
+    Transforms without a rule in `_SHAPE_RULES` run on zero-filled stand-ins of the sources' shapes (a
+    broadcast scalar, so only the transform's own output is allocated, and freed at once).
+    """
+    shapes = [tuple(np.shape(src)) for src in sources]
+    dtypes = [np.dtype(src.dtype) for src in sources]
+    rule = _SHAPE_RULES.get(transform)
+    shape = rule(shapes[0]) if rule is not None and len(sources) == 1 else None
+    if shape is not None:
+        return PortedLeaf(sources, transform, tuple(shape), dtypes[0])
+    stand_ins = [np.broadcast_to(np.zeros((), dtype), shape) for dtype, shape in zip(dtypes, shapes)]
+    probe = np.asarray(transform(*stand_ins))
+    return PortedLeaf(sources, transform, tuple(probe.shape), probe.dtype)
+
+
+def plan_table(state_dict: Mapping[str, Any], table: Sequence[KeyMap],
+               ignore: Iterable[str] = ()) -> tuple[dict[str, PortedLeaf], list[str]]:
+    """Maps a source state dict through a table without reading any tensor.
 
     Args:
-        state_dict: ``{source key: array}``.
+        state_dict: ``{source key: array or lazily read tensor}``.
         table: The port table; for each source key the first entry whose first pattern matches is used.
         ignore: Regexes (fullmatch) of source keys to drop (buffers recomputed by our model).
 
     Returns:
-        ``(converted {dst path: array}, unexpected source keys)``. Source keys of a multi-source entry whose
-        partner keys are absent are reported as unexpected.
+        ``(converted {dst path: PortedLeaf}, unexpected source keys)``. Source keys of a multi-source entry
+        whose partner keys are absent are reported as unexpected.
     """
     ignore_res = [re.compile(p) for p in ignore]
     compiled = [(entry, [_pattern_regex(p) for p in entry.sources]) for entry in table]
-    converted: dict[str, np.ndarray] = {}
+    converted: dict[str, PortedLeaf] = {}
     used: set[str] = set()
     unexpected: list[str] = []
     for key in state_dict:
@@ -137,7 +195,7 @@ def apply_table(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap],
             continue
         for entry, regexes in compiled:
             match = None
-            for position, regex in enumerate(regexes):
+            for regex in regexes:
                 match = regex.fullmatch(key)
                 if match:
                     break
@@ -148,11 +206,22 @@ def apply_table(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap],
             if not all(n in state_dict for n in names):
                 continue
             used.update(names)
-            converted[entry.dst.format(**values)] = entry.transform(*(np.asarray(state_dict[n]) for n in names))
+            converted[entry.dst.format(**values)] = _leaf(entry.transform, tuple(state_dict[n] for n in names))
             break
         else:
             unexpected.append(key)
     return converted, [k for k in unexpected if k not in used]
+
+
+def apply_table(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap],
+                ignore: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Maps a source state dict through a table (`plan_table`, every leaf computed).
+
+    Returns:
+        ``(converted {dst path: array}, unexpected source keys)``.
+    """
+    converted, unexpected = plan_table(state_dict, table, ignore)
+    return {key: leaf.value() for key, leaf in converted.items()}, unexpected
 
 
 def _flat_target(abstract_model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
@@ -161,26 +230,83 @@ def _flat_target(abstract_model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
             for path, var in nnx.to_flat_state(state)}
 
 
-def port_state_dict(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap],
-                    make_model: Callable[[], nnx.Module], *, ignore: Iterable[str] = (),
-                    model_name: str = "model") -> nnx.Module:
-    """Builds a model from a foreign state dict.
+def _dotted(path: Sequence[Any]) -> str:
+    return ".".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PortPlan:
+    """A checked port: the abstract model and, for each of its state leaves, how to compute it.
+
+    Attributes:
+        model_name: Used in messages.
+        abstract: ``nnx.eval_shape`` of the model (no weights allocated).
+        leaves: ``{dotted state path: PortedLeaf}`` for every state leaf, in the model's state order.
+        dtypes: ``{dotted state path: the model's dtype}`` (leaves are cast to it).
+    """
+
+    model_name: str
+    abstract: nnx.Module
+    leaves: dict[str, PortedLeaf]
+    dtypes: dict[str, np.dtype]
+
+    def build(self) -> nnx.Module:
+        """The concrete model: each leaf computed and cast to the model's dtype, one at a time."""
+        graphdef, state = nnx.split(self.abstract)
+        for path, var in nnx.to_flat_state(state):
+            key = ".".join(str(p) for p in path)
+            var.set_value(jnp.asarray(self.leaves[key].value(), dtype=self.dtypes[key]))
+        return nnx.merge(graphdef, state)
+
+    def deferred_state(self) -> dict:
+        """``nnx.to_pure_dict`` of the model's state with `DeferredArray` leaves (for `save_deferred_state`)."""
+        pure = nnx.to_pure_dict(nnx.state(self.abstract))
+
+        def deferred(path, _):
+            key = _dotted(path)
+            leaf = self.leaves[key]
+            return DeferredArray(leaf.shape, self.dtypes[key], leaf.value)
+
+        return jax.tree_util.tree_map_with_path(deferred, pure)
+
+
+_RECORDED_PLANS: contextvars.ContextVar[list[PortPlan] | None] = contextvars.ContextVar("port_plans", default=None)
+
+
+@contextlib.contextmanager
+def recording_plans() -> Iterator[list[PortPlan]]:
+    """Inside, `port_state_dict` checks its port, appends the `PortPlan` to the yielded list and returns the
+    *abstract* model without reading any weight.
+
+    ``with recording_plans() as plans: port_var(lazy_state_dict, **ctor)`` gives the plan of VAR's port
+    (its constructor handling and its own checks included) for streaming it to a checkpoint.
+    """
+    plans: list[PortPlan] = []
+    token = _RECORDED_PLANS.set(plans)
+    try:
+        yield plans
+    finally:
+        _RECORDED_PLANS.reset(token)
+
+
+def plan_port(state_dict: Mapping[str, Any], table: Sequence[KeyMap], make_model: Callable[[], nnx.Module], *,
+              ignore: Iterable[str] = (), model_name: str = "model") -> PortPlan:
+    """Checks a port against the abstract model, reading no tensor.
 
     Args:
-        state_dict: ``{source key: array}`` (e.g. from `read_state_dict`).
+        state_dict: ``{source key: array or lazily read tensor}`` (e.g. ``read_state_dict(path, lazy=True)``).
         table: The model's port table.
-        make_model: Zero-argument constructor of the NNX model; only evaluated abstractly
-            (`nnx.eval_shape`), so porting a large model allocates its weights once.
+        make_model: Zero-argument constructor of the NNX model; only evaluated abstractly (`nnx.eval_shape`).
         ignore: Regexes of source keys to drop.
         model_name: Used in error messages.
 
     Returns:
-        The model with every state leaf taken from the checkpoint.
+        The plan: every model state leaf paired with its sources and transform.
 
     Raises:
         PortError: naming every missing, unexpected and misshapen key at once.
     """
-    converted, unexpected = apply_table(state_dict, table, ignore)
+    converted, unexpected = plan_table(state_dict, table, ignore)
     abstract = nnx.eval_shape(make_model)
     target = _flat_target(abstract)
     missing = [k for k in target if k not in converted]
@@ -189,11 +315,36 @@ def port_state_dict(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap
                  for k in target if k in converted and tuple(converted[k].shape) != tuple(target[k].shape)]
     if missing or unexpected or misshapen:
         raise PortError(model_name, missing, unexpected, misshapen)
-    graphdef, state = nnx.split(abstract)
-    for path, var in nnx.to_flat_state(state):
-        key = ".".join(str(p) for p in path)
-        var.set_value(jnp.asarray(converted[key], dtype=target[key].dtype))
-    return nnx.merge(graphdef, state)
+    return PortPlan(model_name, abstract, {k: converted[k] for k in target},
+                    {k: np.dtype(v.dtype) for k, v in target.items()})
+
+
+def port_state_dict(state_dict: Mapping[str, np.ndarray], table: Sequence[KeyMap],
+                    make_model: Callable[[], nnx.Module], *, ignore: Iterable[str] = (),
+                    model_name: str = "model") -> nnx.Module:
+    """Builds a model from a foreign state dict.
+
+    Args:
+        state_dict: ``{source key: array}`` (e.g. from `read_state_dict`; lazily read tensors work too).
+        table: The model's port table.
+        make_model: Zero-argument constructor of the NNX model; only evaluated abstractly
+            (`nnx.eval_shape`), so porting a large model allocates its weights once.
+        ignore: Regexes of source keys to drop.
+        model_name: Used in error messages.
+
+    Returns:
+        The model with every state leaf taken from the checkpoint (inside `recording_plans`: the abstract
+        model, the plan being recorded instead).
+
+    Raises:
+        PortError: naming every missing, unexpected and misshapen key at once.
+    """
+    plan = plan_port(state_dict, table, make_model, ignore=ignore, model_name=model_name)
+    recorded = _RECORDED_PLANS.get()
+    if recorded is not None:
+        recorded.append(plan)
+        return plan.abstract
+    return plan.build()
 
 
 def to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import numpy as np
 
 from bitlaws.port.safetensors_io import CorruptCheckpointError, read_safetensors
-from bitlaws.port.torch_pickle import UnsafeCheckpointError, load_torch_checkpoint, torch_archive_prefix
+from bitlaws.port.torch_pickle import (StoredTensor, UnsafeCheckpointError, load_torch_checkpoint,
+                                       torch_archive_prefix)
 
 __all__ = ["SUPPORTED_FORMATS", "detect_format", "read_state_dict"]
 
@@ -116,7 +117,8 @@ def _load_npz_member(path: str | os.PathLike, npz: Any, name: str) -> np.ndarray
     return value
 
 
-def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, key: str | None = None, *,
+                    lazy: bool = False) -> dict[str, np.ndarray | StoredTensor]:
     """Reads a checkpoint into a flat ``{name: array}`` state dict, without torch.
 
     Supports ``.safetensors``, ``.npz`` and ``torch.save`` zip archives
@@ -130,9 +132,15 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
     formats (safetensors, npz) ``key`` selects the names starting with ``key + "."``
     and strips that prefix.
 
+    With ``lazy=True`` the tensors of a torch archive are not read: each is a
+    `StoredTensor` (``shape``, ``dtype``; ``np.asarray`` reads it from the file), so
+    a state dict larger than memory can be ported tensor by tensor. Other formats
+    are read eagerly either way.
+
     Args:
         path: Checkpoint file.
         key: Which sub-dict of a nested checkpoint to return, or ``None``.
+        lazy: Leave torch tensors in the file until they are used.
 
     Returns:
         ``{name: array}`` in file order. Arrays keep the stored shape and dtype
@@ -154,7 +162,7 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         return _select_prefix(read_safetensors(path_str), key, path_str)
     if fmt == "npz":
         return _select_prefix(read_npz(path_str), key, path_str)
-    tree = load_torch_checkpoint(path_str)
+    tree = load_torch_checkpoint(path_str, lazy=lazy)
     if not isinstance(tree, Mapping):
         raise ValueError(f"checkpoint {path_str} holds a {type(tree).__name__}, not a dict of tensors")
     return _select_subtree(tree, key, path_str)
@@ -171,7 +179,7 @@ def _select_prefix(flat: dict[str, np.ndarray], key: str | None, path: str) -> d
     return selected
 
 
-def _select_subtree(tree: Mapping[Any, Any], key: str | None, path: str) -> dict[str, np.ndarray]:
+def _select_subtree(tree: Mapping[Any, Any], key: str | None, path: str) -> dict[str, np.ndarray | StoredTensor]:
     """Walks to sub-dict ``key`` (if any) and returns its array leaves.
 
     Raises:
@@ -193,7 +201,7 @@ def _select_subtree(tree: Mapping[Any, Any], key: str | None, path: str) -> dict
         raise ValueError(
             f"checkpoint {path} is nested; pass key= one of {[prefix + str(n) for n in nested]}"
         )
-    return {str(name): value for name, value in node.items() if isinstance(value, np.ndarray)}
+    return {str(name): value for name, value in node.items() if isinstance(value, (np.ndarray, StoredTensor))}
 
 
 def _resolve(tree: Mapping[Any, Any], key: str) -> Any:

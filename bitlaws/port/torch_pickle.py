@@ -16,6 +16,11 @@ functions of our own (tensor rebuilders producing numpy arrays, storage-type
 markers, ``OrderedDict`` and plain builtin containers). Any other global, such as
 ``posix.system`` or ``builtins.eval``, raises ``UnsafeCheckpointError`` before it can
 be called, so nothing from the file is ever executed.
+
+With ``lazy=True`` no tensor data is read while unpickling: every tensor whose storage record is stored
+uncompressed (as ``torch.save`` writes them) becomes a `StoredTensor`, which remembers where its bytes lie in
+the file and reads them on ``np.asarray`` (one tensor at a time, into memory of its own; nothing stays
+mapped). A port can then stream a checkpoint larger than memory.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import collections
 import math
 import os
 import pickle
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 import ml_dtypes
@@ -36,6 +42,7 @@ import numpy as np
 from bitlaws.port.safetensors_io import CorruptCheckpointError, swap_if_foreign
 
 __all__ = [
+    "StoredTensor",
     "UnsafeCheckpointError",
     "load_torch_checkpoint",
     "torch_archive_prefix",
@@ -62,11 +69,96 @@ class _Storage:
 
     Attributes:
         key: Record name under ``<archive>/data/``.
-        data: 1-D read-only array of ``numel`` elements, native byte order.
+        data: 1-D read-only array of ``numel`` elements, native byte order; or, when read lazily, the
+            record left in the file.
     """
 
     key: str
-    data: np.ndarray
+    data: np.ndarray | _StoredRecord
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+
+@dataclass(frozen=True)
+class _StoredRecord:
+    """An uncompressed storage record, left in the file: ``size`` elements of ``dtype`` from byte ``offset``."""
+
+    path: str
+    key: str
+    offset: int
+    size: int
+    dtype: np.dtype
+    byteorder: str
+
+
+@dataclass(frozen=True, eq=False)
+class StoredTensor:
+    """A tensor of a ``torch.save`` archive that is read from the file when converted to an array.
+
+    ``np.asarray(tensor)`` reads the elements it spans into a new C-contiguous, writable array in native byte
+    order, exactly what the eager reader returns; nothing is cached, so each conversion reads the file again.
+
+    Attributes:
+        record: Where the storage's elements lie in the file.
+        storage_offset: First element, counted in elements of the storage.
+        shape: Shape.
+        stride: Per-dimension step, in elements.
+    """
+
+    record: _StoredRecord
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.record.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"StoredTensor(shape={self.shape}, dtype={self.dtype}, storage={self.record.key!r})"
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        del copy  # always a new array
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def read(self) -> np.ndarray:
+        """The tensor as a new C-contiguous array (the bytes it spans are read from the file)."""
+        record, itemsize = self.record, self.dtype.itemsize
+        if self.size == 0:
+            return np.empty(self.shape, dtype=self.dtype)
+        span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        contiguous = self.stride == _contiguous_strides(self.shape)
+        data = np.empty(self.shape if contiguous else (span,), dtype=self.dtype)
+        with open(record.path, "rb") as f:
+            f.seek(record.offset + self.storage_offset * itemsize)
+            got = f.readinto(memoryview(data.reshape(-1).view(np.uint8)))
+        if got != span * itemsize:
+            raise CorruptCheckpointError(f"{record.path}: storage {record.key!r} ends early (file truncated)")
+        data = swap_if_foreign(data, record.byteorder)
+        if contiguous:
+            return data
+        view = np.lib.stride_tricks.as_strided(
+            data, shape=self.shape, strides=tuple(s * itemsize for s in self.stride), writeable=False)
+        return np.array(view, order="C", copy=True)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 _STORAGE_TYPES: dict[str, _StorageType] = {
@@ -128,8 +220,9 @@ def torch_archive_prefix(names: Sequence[str]) -> str | None:
 class _TorchArchive:
     """Random access to the records of one ``torch.save`` zip archive."""
 
-    def __init__(self, path: str, zf: zipfile.ZipFile):
+    def __init__(self, path: str, zf: zipfile.ZipFile, lazy: bool = False):
         self.path = path
+        self.lazy = lazy
         self._zf = zf
         prefix = torch_archive_prefix(zf.namelist())
         if prefix is None:
@@ -140,7 +233,7 @@ class _TorchArchive:
         self.prefix = prefix
         self.byteorder = self._read_byteorder()
         self._raw: dict[str, bytes] = {}
-        self._views: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self._views: dict[tuple[str, np.dtype], np.ndarray | _StoredRecord] = {}
 
     def _read_byteorder(self) -> str:
         name = self.prefix + "byteorder"
@@ -156,15 +249,18 @@ class _TorchArchive:
     def open_pickle(self) -> BinaryIO:
         return self._zf.open(self.prefix + _PICKLE_RECORD)
 
-    def storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    def storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray | _StoredRecord:
         """Returns storage ``key`` as ``numel`` native-order elements of ``dtype``.
 
-        The record's bytes are read once per key however often it is referenced.
+        The record's bytes are read once per key however often it is referenced. In lazy mode an uncompressed
+        record is not read: its place in the file is returned instead.
 
         Raises:
             CorruptCheckpointError: Missing record, or fewer bytes than ``numel`` needs.
         """
         view = self._views.get((key, dtype))
+        if view is None and self.lazy:
+            view = self._stored_record(key, dtype)
         if view is None:
             raw = self._read_record(key)
             view = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
@@ -176,16 +272,36 @@ class _TorchArchive:
                 f"{self.path}: storage {key!r} holds {view.size} elements of {dtype}, "
                 f"the pickle expects {numel}"
             )
+        if isinstance(view, _StoredRecord):
+            return replace(view, size=numel)
         return view[:numel]
+
+    def _stored_record(self, key: str, dtype: np.dtype) -> _StoredRecord | None:
+        """Where uncompressed record ``key`` lies in the file (None if compressed: then it is read eagerly)."""
+        info = self._info(key)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(self.path, "rb") as f:  # the local header's name and extra lengths give the data's offset
+            f.seek(info.header_offset)
+            header = f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CorruptCheckpointError(f"{self.path}: bad local header for storage record {info.filename!r}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        offset = info.header_offset + 30 + name_len + extra_len
+        if offset + info.file_size > os.path.getsize(self.path):
+            raise CorruptCheckpointError(f"{self.path}: storage record {info.filename!r} runs past the end of the file")
+        return _StoredRecord(self.path, key, offset, info.file_size // dtype.itemsize, dtype, self.byteorder)
+
+    def _info(self, key: str) -> zipfile.ZipInfo:
+        name = f"{self.prefix}data/{key}"
+        try:
+            return self._zf.getinfo(name)
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.path}: storage record {name!r} is missing") from None
 
     def _read_record(self, key: str) -> bytes:
         if key not in self._raw:
-            name = f"{self.prefix}data/{key}"
-            try:
-                info = self._zf.getinfo(name)
-            except KeyError:
-                raise CorruptCheckpointError(f"{self.path}: storage record {name!r} is missing") from None
-            self._raw[key] = self._zf.read(info)
+            self._raw[key] = self._zf.read(self._info(key))
         return self._raw[key]
 
 
@@ -244,7 +360,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         requires_grad: bool = False,
         backward_hooks: Any = None,
         metadata: Any = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray | StoredTensor:
         """Builds a tensor as a C-contiguous copy of a strided view of its storage.
 
         Args:
@@ -257,7 +373,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             metadata: Ignored (tensor Python attributes).
 
         Returns:
-            Writable array of shape ``size`` and the storage's dtype.
+            Writable array of shape ``size`` and the storage's dtype (a `StoredTensor` when read lazily
+            from an uncompressed record).
 
         Raises:
             CorruptCheckpointError: Malformed arguments, or a view reaching outside
@@ -280,11 +397,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if math.prod(size) == 0:
             return np.empty(tuple(size), dtype=data.dtype)
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= data.size:
+        if last >= storage.size:
             raise self._corrupt(
                 f"tensor of size {tuple(size)}, stride {tuple(stride)}, offset {storage_offset} "
-                f"reaches element {last} of storage {storage.key!r} with {data.size} elements"
+                f"reaches element {last} of storage {storage.key!r} with {storage.size} elements"
             )
+        if isinstance(data, _StoredRecord):
+            return StoredTensor(data, storage_offset, tuple(size), tuple(stride))
         view = np.lib.stride_tricks.as_strided(
             data[storage_offset:],
             shape=tuple(size),
@@ -304,7 +423,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     ) -> np.ndarray:
         """``nn.Parameter`` wrapper: the parameter's value is its data tensor."""
         del requires_grad, backward_hooks
-        if not isinstance(data, np.ndarray):
+        if not isinstance(data, (np.ndarray, StoredTensor)):
             raise self._corrupt(f"parameter rebuilt from {type(data).__name__}, not a tensor")
         return data
 
@@ -346,11 +465,13 @@ def _looks_like_tar(path: str) -> bool:
         return f.read(5) == b"ustar"
 
 
-def load_torch_checkpoint(path: str | os.PathLike) -> Any:
+def load_torch_checkpoint(path: str | os.PathLike, lazy: bool = False) -> Any:
     """Loads a ``torch.save`` zip archive without torch and without running its code.
 
     Args:
         path: ``.pt`` / ``.pth`` / ``.bin`` file written by ``torch.save`` (torch >= 1.6).
+        lazy: Return a `StoredTensor` (read on ``np.asarray``) for each tensor of an uncompressed
+            storage record instead of reading it now; the pickle and the records' places are still checked.
 
     Returns:
         The saved object with every tensor replaced by a C-contiguous numpy array
@@ -370,7 +491,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     _check_zip(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            archive = _TorchArchive(path, zf)
+            archive = _TorchArchive(path, zf, lazy=lazy)
             with archive.open_pickle() as stream:
                 return _unpickle(stream, archive)
     except (UnsafeCheckpointError, CorruptCheckpointError):
