@@ -4,7 +4,7 @@ Public API::
 
     from bitlaws.laws import (load_results, read_results, fit_power_law, bootstrap, fit_family, fit_bivariate,
                               fit_all, pareto_frontier, best_under_budget, verdicts, plot_scaling, write_report,
-                              analyze, advise, render_advice)
+                              analyze, advise, render_advice, metric_draws, MetricDraws)
 
 ``plot_scaling`` (matplotlib) is imported lazily so that the fits work without the ``demo`` extra.
 """
@@ -19,13 +19,14 @@ from bitlaws.laws.pareto import (BudgetChoice, BudgetRow, SeriesComparison, Verd
                                  budget_grid, compare_to_baseline, family_verdict, pareto_frontier, verdicts)
 from bitlaws.laws.report import AnalysisOutputs, analyze, write_report
 from bitlaws.laws.results_file import ResultsRead, read_results
+from bitlaws.laws.uncertainty import MetricDraws, metric_draws
 
 __all__ = [
-    "Advice", "AnalysisOutputs", "BivariateFit", "BootstrapResult", "BudgetChoice", "BudgetRow",
+    "Advice", "AnalysisOutputs", "BivariateFit", "MetricDraws", "BootstrapResult", "BudgetChoice", "BudgetRow",
     "BudgetTooSmallError", "Candidate", "Cell", "FamilyFits", "LawFits", "PowerLawFit", "ResultsRead",
     "SeriesComparison", "Verdict", "advise", "analyze", "best_under_budget", "bootstrap", "budget_grid",
     "cells_from_rows", "compare_to_baseline", "family_verdict", "fit_all", "fit_bivariate", "fit_bivariate_arrays",
-    "fit_family", "fit_power_law", "load_results", "pareto_frontier", "parse_setting", "plot_scaling",
+    "fit_family", "fit_power_law", "load_results", "metric_draws", "pareto_frontier", "parse_setting", "plot_scaling",
     "read_results", "render_advice", "series_label", "verdicts", "write_report",
 ]
 
