@@ -55,17 +55,46 @@ the scale's padded length (rows past ``pn**2`` are padding and ignored); it must
 def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
     """Sets logits outside the top-k and the top-p nucleus to -inf (upstream order: top-k first).
 
-    Top-k keeps every logit >= the k-th largest (ties kept). Top-p sorts the (already top-k masked)
-    logits ascending, removes those whose cumulative softmax probability is <= 1 - top_p, and never
-    removes the largest.
+    Both filters keep the logits at or above one threshold per row, found with a single `jax.lax.top_k` (a partial
+    sort of k values; the whole row only for top-p without top-k): top-k's threshold is the k-th largest logit;
+    top-p (over the top-k survivors, renormalised) keeps the largest logits up to and including the first whose
+    preceding probability mass reaches ``top_p``. That is upstream's rule (sort ascending, drop the tokens whose
+    cumulative probability is <= ``1 - top_p``, never the largest) on the k sorted survivors, with the cumulative
+    sums taken in upstream's order, so it needs neither the full ascending sort nor the inverse permutation.
+    `mask_top_k_top_p_reference` is the literal form; they keep the same tokens except where a float rounding of
+    the softmax normaliser or exactly tied logits decide (``benchmarks/top_k_top_p.py``: identical at every scale
+    of VAR-d16, 2.2x faster).
 
     Args:
         logits: ``[..., V]`` float32.
-        top_k: Keep the k largest (0: off; values above V act as V).
+        top_k: Keep the k largest (0: off; values above V act as V); ties with the k-th largest are kept.
         top_p: Nucleus mass (0: off).
 
     Returns:
         ``[..., V]`` masked logits.
+    """
+    vocab = logits.shape[-1]
+    if top_k <= 0 and top_p <= 0:
+        return logits
+    k = min(int(top_k), vocab) if top_k > 0 else vocab
+    values, indices = jax.lax.top_k(logits, k)  # [..., k] descending
+    threshold = values[..., -1:]  # [..., 1]: the k-th largest
+    if top_p > 0:
+        kept = jnp.where(logits >= threshold, logits, -jnp.inf)  # top-k survivors (ties included)
+        probs = jnp.take_along_axis(jax.nn.softmax(kept, axis=-1), indices, axis=-1)  # [..., k] descending
+        # Upstream's ascending cumulative sum, summed in upstream's order (smallest first; the masked tokens
+        # upstream sums first are exact zeros), so that the comparison rounds the same way.
+        ascending = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), axis=-1), -1)  # [..., k]
+        count = jnp.maximum(jnp.sum(ascending > 1.0 - top_p, axis=-1, keepdims=True), 1)  # [..., 1] kept by top-p
+        threshold = jnp.maximum(threshold, jnp.take_along_axis(values, count - 1, axis=-1))
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def mask_top_k_top_p_reference(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
+    """The literal upstream masking (two full sorts): the reference `mask_top_k_top_p` is tested against.
+
+    Top-k keeps every logit >= the k-th largest (ties kept). Top-p sorts the (already top-k masked) logits
+    ascending, removes those whose cumulative softmax probability is <= 1 - top_p, and never removes the largest.
     """
     vocab = logits.shape[-1]
     if top_k > 0:

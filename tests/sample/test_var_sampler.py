@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -90,3 +91,22 @@ def test_padding_off_when_a_per_tensor_calibrator_would_see_it(model_and_tokeniz
     assert rows_independent(quantize_model(model, [per_token], mode="fake"))
     assert not rows_independent(quantize_model(model, [percentile], mode="fake"))
 
+
+
+@pytest.mark.parametrize("vocab", [7, 4096])
+def test_one_threshold_masking_equals_the_literal_upstream_masking(vocab):
+    """`mask_top_k_top_p` (one partial sort) keeps the tokens of the two-sort reference on untied logits;
+    at an extreme nucleus (p = 0.999) they may differ only on tokens of negligible probability (float rounding of
+    the cumulative sums in the far tail)."""
+    rng = np.random.default_rng(vocab)
+    for scale in (0.3, 3.0, 10.0):
+        logits = jnp.asarray(rng.normal(size=(4, 6, vocab)).astype(np.float32) * scale)
+        for top_k in (0, 1, 5, 900, vocab + 3):
+            for top_p in (0.0, 0.5, 0.9, 0.96):
+                ours = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p(logits, top_k, top_p)))
+                reference = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p_reference(logits, top_k, top_p)))
+                np.testing.assert_array_equal(ours, reference, err_msg=f"top_k={top_k} top_p={top_p} scale={scale}")
+            ours = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p(logits, top_k, 0.999)))
+            reference = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p_reference(logits, top_k, 0.999)))
+            probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+            assert probs[ours != reference].max(initial=0.0) < 1e-4
