@@ -11,6 +11,7 @@ Anything else (a bug) keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import pickle
@@ -160,28 +161,28 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     command = "bitlaws " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["analyze", args.analysis]))
     common = dict(n=args.n, seed=args.seed, command=command)
+    # Flags are checked before the models are loaded; `job(subjects, out, ...)` runs the chosen analysis.
     if args.analysis == "errors":
         precision = Precision(args.precision, args.format, args.method)
         from bitlaws.sweep import settings  # pylint: disable=g-import-not-at-top
 
         settings.quant_rules(precision.setting, precision.format, ".*")  # a bad setting fails before any work
         settings.get_method(precision.method)
-        subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
-        paths = run.analyze_errors(subjects, args.out, precision=precision, **common)
+        job = functools.partial(run.analyze_errors, precision=precision)
     elif args.analysis == "noise":
         snrs = _numbers(args.snrs, "--snrs")
         accumulation = _numbers(args.accumulation_snrs, "--accumulation-snrs")
         _require(0 < args.fraction <= 1, f"--fraction must be in (0, 1], got {args.fraction}")
-        subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
-        paths = run.analyze_noise(subjects, args.out, snrs=snrs, step=args.step, accumulation_snrs=accumulation,
-                                  fraction=args.fraction, **common)
+        job = functools.partial(run.analyze_noise, snrs=snrs, step=args.step, accumulation_snrs=accumulation,
+                                fraction=args.fraction)
     else:
         kinds = [k.strip() for k in args.layers.split(",") if k.strip()]
         _require(bool(kinds) and all(k in LAYER_KINDS for k in kinds),
                  f"--layers must be a comma list of {', '.join(LAYER_KINDS)}, got {args.layers!r}")
         blocks = [int(b) for b in _numbers(args.blocks, "--blocks")]
-        subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
-        paths = run.analyze_activations(subjects, args.out, blocks=blocks, kinds=kinds, **common)
+        job = functools.partial(run.analyze_activations, blocks=blocks, kinds=kinds)
+    subjects = run.load_subjects(models, var_dirs=args.var, dit_dirs=args.dit, dit_respacing=args.dit_respacing)
+    paths = job(subjects, args.out, **common)
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -10,6 +10,8 @@ import math
 import pathlib
 from typing import Any, Sequence
 
+from bitlaws.analysis.summary import activations_stem
+
 _DPI = 130
 
 
@@ -127,5 +129,4 @@ def plot_activations(record: dict[str, Any], out_dir: pathlib.Path) -> list[path
         ax.grid(True, axis="y", alpha=0.3)
     figure.suptitle(f"{record['model']}: layer inputs over {record['step_kind']}s (boxes 25-75%, whiskers 1-99%, "
                     f"dots min/max)", fontsize=10)
-    stem = "activations_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in record["model"])
-    return _save(figure, out_dir, stem)
+    return _save(figure, out_dir, activations_stem(record["model"]))

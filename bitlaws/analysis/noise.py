@@ -27,6 +27,7 @@ import numpy as np
 
 from bitlaws.analysis import noise_core
 from bitlaws.analysis.subjects import Subject, finite_or_none
+from bitlaws.analysis.trajectory import Trajectory
 
 DEFAULT_SNRS = tuple(float(s) for s in range(0, 41, 2))
 """The single-step sweep: 0 to 40 dB in 2 dB steps (and +inf, the noise-free control)."""
@@ -43,8 +44,14 @@ def default_step(subject: Subject) -> int:
     return subject.num_steps // 2
 
 
+def noise_free_run(subject: Subject, n: int = 20, seed: int = 0) -> Trajectory:
+    """The run every noisy run of `single_step` / `accumulation` with the same `n` and `seed` is compared with."""
+    return subject.trajectory(subject.labels(n), jax.random.key(seed))
+
+
 def single_step(subject: Subject, *, snrs: Sequence[float] = DEFAULT_SNRS, step: Optional[int] = None,
-                n: int = 20, seed: int = 0, noise_seed: int = 1) -> dict[str, Any]:
+                n: int = 20, seed: int = 0, noise_seed: int = 1,
+                reference: Optional[Trajectory] = None) -> dict[str, Any]:
     """Noise at one step, swept over `snrs` (dB); loss of the final images against the noise-free run.
 
     Args:
@@ -53,6 +60,7 @@ def single_step(subject: Subject, *, snrs: Sequence[float] = DEFAULT_SNRS, step:
         step: The noisy step (default `default_step`); negative counts from the end.
         n: Samples.
         seed: PRNG seed of the sampling draws; `noise_seed` of the noise draws.
+        reference: `noise_free_run` of the same `n` and `seed`, when the caller has it already.
 
     Returns:
         A JSON-ready record with ``snr_db``, ``loss`` (image MSE), ``image_error`` (relative), ``spearman``
@@ -69,7 +77,7 @@ def single_step(subject: Subject, *, snrs: Sequence[float] = DEFAULT_SNRS, step:
         raise ValueError("noise: give at least one SNR")
     labels = subject.labels(n)
     key, noise_key = jax.random.key(seed), jax.random.key(noise_seed)
-    reference = subject.trajectory(labels, key)
+    reference = noise_free_run(subject, n, seed) if reference is None else reference
     losses, errors, per_sample = [], [], []
     for snr in snrs:
         noisy = subject.trajectory(labels, key, perturb=subject.noise(snr, [step], noise_key))
@@ -96,8 +104,10 @@ def single_step(subject: Subject, *, snrs: Sequence[float] = DEFAULT_SNRS, step:
 
 def accumulation(subject: Subject, *, snrs: Sequence[float] = DEFAULT_ACCUMULATION_SNRS,
                  fraction: float = DEFAULT_FRACTION, n: int = 20, seed: int = 0,
-                 noise_seed: int = 1) -> dict[str, Any]:
+                 noise_seed: int = 1, reference: Optional[Trajectory] = None) -> dict[str, Any]:
     """Noise at each of `snrs` in the first `fraction` of the steps; the representation error at every step.
+
+    Arguments as `single_step` (`reference`: the `noise_free_run`, when the caller has it already).
 
     Returns:
         A JSON-ready record with ``noisy_steps`` (how many leading steps got noise), per SNR the per-step
@@ -107,7 +117,7 @@ def accumulation(subject: Subject, *, snrs: Sequence[float] = DEFAULT_ACCUMULATI
     noisy_steps = noise_core.first_steps(subject.num_steps, fraction)
     labels = subject.labels(n)
     key, noise_key = jax.random.key(seed), jax.random.key(noise_seed)
-    reference = subject.trajectory(labels, key)
+    reference = noise_free_run(subject, n, seed) if reference is None else reference
     curves = []
     for snr in (float(s) for s in snrs):
         noisy = subject.trajectory(labels, key, perturb=subject.noise(snr, range(noisy_steps), noise_key))

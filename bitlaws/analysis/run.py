@@ -86,9 +86,12 @@ def analyze_noise(subjects: Sequence[Subject], out_dir: PathLike, *, snrs: Seque
     """``noise.json`` + its two figures (+ the summary). The single-step sweep always includes +inf dB."""
     out_dir = pathlib.Path(out_dir)
     snrs = list(dict.fromkeys([float(s) for s in snrs] + [math.inf]))
-    single = [noise.single_step(s, snrs=snrs, step=step, n=n, seed=seed) for s in subjects]
-    accumulated = [noise.accumulation(s, snrs=accumulation_snrs, fraction=fraction, n=n, seed=seed)
-                   for s in subjects]
+    single, accumulated = [], []
+    for subject in subjects:
+        reference = noise.noise_free_run(subject, n, seed)  # shared by both experiments
+        single.append(noise.single_step(subject, snrs=snrs, step=step, n=n, seed=seed, reference=reference))
+        accumulated.append(noise.accumulation(subject, snrs=accumulation_snrs, fraction=fraction, n=n, seed=seed,
+                                              reference=reference))
     paths = [_write(out_dir, "noise", {"command": command, "single_step": single, "accumulation": accumulated})]
     paths += figures.plot_noise(single, accumulated, out_dir)
     return paths + [write_summary(out_dir)]

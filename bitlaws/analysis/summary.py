@@ -31,12 +31,14 @@ def errors_sentence(record: dict[str, Any]) -> str:
             f"{representations[0]:.3g} ({kind} {record['steps'][0]}) to {representations[-1]:.3g} "
             f"({record['steps'][-1]}) while the feature error goes from {features[0]:.3g} to {features[-1]:.3g}; the "
             f"reconstruction ends below the feature error at {record['reduced_steps']} of {steps} {kind}s "
-            f"(last {kind}: representation / feature {last_ratio:.2f}); final images {_g(record['image_error'])} "
+            f"(last {kind}: representation / feature {last_ratio:.2f}); final images {_fmt(record['image_error'])} "
             f"relative")
 
 
-def _g(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+def activations_stem(model: str) -> str:
+    """File stem of a model's activations figure: ``activations_<model>`` with characters outside ``[A-Za-z0-9_-]``
+    replaced by ``_`` (ported models are named by their folder)."""
+    return "activations_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in model)
 
 
 def growth(curve: dict[str, Any], noisy_steps: int, what: str = "representation_error") -> Optional[float]:
@@ -114,8 +116,7 @@ def summary_lines(analysis_dir: PathLike, relative_to: Optional[PathLike] = None
         lines += ["", "Ratios > 1: the clean steps after the noise grew the error; < 1: they absorbed part of it.",
                   ""]
     if found["activations"]:
-        stems = ["activations_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in r["model"])
-                 for r in found["activations"]["records"]]
+        stems = [activations_stem(r["model"]) for r in found["activations"]["records"]]
         lines += ["### Layer inputs over time (paper Figure 4)", "", f"Figures: {_links(directory, base, stems)}", ""]
         for record in found["activations"]["records"]:
             parts = [f"{layer['kind']}@{layer['block']} {_fmt(layer['temporal_variation'], 2)}"

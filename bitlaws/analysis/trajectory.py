@@ -37,11 +37,8 @@ from flax import nnx
 from bitlaws.analysis import noise_core
 from bitlaws.sample import draws
 from bitlaws.sample.diffusion import SD_VAE_SCALE, GaussianDiffusion
+from bitlaws.sample.perturbation import Perturbation, apply_perturbation
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
-
-Perturbation = Callable[[int, jax.Array], jax.Array]
-"""``perturb(step, feature) -> feature`` of the same shape and dtype; VAR: the padded guided logits
-``[B, l, V]``; DiT: the CFG output ``[2B, H, W, C_out]``."""
 
 StepHook = Callable[[int], None]
 """Called after a step's network call has been dispatched (before its output is used), with the step index."""
@@ -228,11 +225,7 @@ def dit_trajectory(model: nnx.Module, labels: np.ndarray, key: jax.Array, protoc
         if on_step is not None:
             on_step(step)
         if perturb is not None:
-            perturbed = perturb(step, output)
-            if perturbed.shape != output.shape or perturbed.dtype != output.dtype:
-                raise ValueError(f"perturbation changed step {step}'s output from {output.shape} {output.dtype} to "
-                                 f"{perturbed.shape} {perturbed.dtype}")
-            output = perturbed
+            output = apply_perturbation(perturb, step, output, "perturbation")
         noise = draws.normal(jax.random.fold_in(step_key, index), x.shape, x.dtype)
         x = update(x, output, np.int32(index), noise)
         features.append(np.asarray(output[:batch, ..., :channels], np.float32))

@@ -98,6 +98,28 @@ def _verdict(interval: Interval) -> str:
     return WORSE if interval.lo > 0 else BETTER
 
 
+def features_path(cell: Cell, root: Optional[pathlib.Path]) -> Optional[pathlib.Path]:
+    """The cell's ``features_file`` under `root` when the record names one and it exists, else None."""
+    name = cell.raw.get("features_file")
+    if root is None or not name:
+        return None
+    path = pathlib.Path(root) / str(name)
+    return path if path.is_file() else None
+
+
+def read_features_file(path: pathlib.Path) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """``(features [N, d], replicates [G])`` of a cell's features file (an ``.npz`` written by the demo evaluator,
+    or a plain ``.npy`` of features); an array the file lacks, or every array of an unreadable file, is None."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                return (arrays["features"] if "features" in arrays else None,
+                        arrays["replicates"] if "replicates" in arrays else None)
+        return np.load(path), None
+    except (OSError, ValueError, KeyError):
+        return None, None
+
+
 def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *,
                        groups: int = DEFAULT_GROUPS) -> list[PairedDifference]:
     """Paired differences of every quantized cell whose features and float partner's features exist.
@@ -111,21 +133,11 @@ def paired_differences(cells: Sequence[Cell], root: pathlib.Path, *,
         One `PairedDifference` per quantized cell that could be paired (others are left out).
     """
     references: dict[str, Optional[FrechetReference]] = {}
-
-    @functools.lru_cache(maxsize=None)
-    def load(path: pathlib.Path) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-        try:  # an unreadable file leaves its cell unpaired, like a missing one
-            if path.suffix == ".npz":
-                with np.load(path) as arrays:
-                    return arrays["features"], (arrays["replicates"] if "replicates" in arrays else None)
-            return np.load(path), None
-        except (OSError, ValueError, KeyError):
-            return None, None
+    load = functools.lru_cache(maxsize=None)(read_features_file)
 
     def features(cell: Cell) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-        name = cell.raw.get("features_file")
-        path = root / str(name) if name else None
-        return load(path) if path is not None and path.is_file() else (None, None)
+        path = features_path(cell, root)
+        return load(path) if path is not None else (None, None)
 
     def reference(cell: Cell) -> Optional[FrechetReference]:
         name = cell.raw.get("features_reference")
@@ -231,20 +243,14 @@ class MetricDraws:
 
 def stored_replicates(cell: Cell, root: Optional[pathlib.Path]) -> Optional[np.ndarray]:
     """The ``[G]`` leave-one-group-out metrics in the cell's ``features_file`` ``.npz`` (relative to `root`), or
-    None when there is no such file, it holds no replicates, or it cannot be read."""
-    name = cell.raw.get("features_file")
-    if root is None or not name:
+    None when there is no such file, it holds no (usable) replicates, or it cannot be read."""
+    path = features_path(cell, root)
+    if path is None or path.suffix != ".npz":
         return None
-    path = pathlib.Path(root) / str(name)
-    if path.suffix != ".npz" or not path.is_file():
+    _, replicates = read_features_file(path)
+    if replicates is None:
         return None
-    try:
-        with np.load(path) as arrays:
-            if "replicates" not in arrays:
-                return None
-            values = np.asarray(arrays["replicates"], dtype=np.float64)
-    except (OSError, ValueError, KeyError):
-        return None
+    values = np.asarray(replicates, dtype=np.float64)
     return values if values.ndim == 1 and values.size >= 2 and np.all(np.isfinite(values)) else None
 
 

@@ -17,7 +17,7 @@ shared by every quantized variant of a model).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from flax import nnx
 
 from bitlaws.models.var import VAR, KVCache, scale_bounds
 from bitlaws.sample import draws
+from bitlaws.sample.perturbation import Perturbation, apply_perturbation
 from bitlaws.sample.xla_options import SAMPLER_OPTIONS
 
 
@@ -45,11 +46,6 @@ class VARSamples(NamedTuple):
     tokens: list[jax.Array]
     guided_logits: list[jax.Array]
     f_hats: list[jax.Array]
-
-
-LogitsPerturbation = Callable[[int, jax.Array], jax.Array]
-"""``perturb(si, guided [B, l, V]) -> [B, l, V]``: changes a scale's guided logits before tokens are drawn. ``l`` is
-the scale's padded length (rows past ``pn**2`` are padding and ignored); it must keep shape and dtype."""
 
 
 def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
@@ -312,7 +308,7 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
                              key: jax.Array, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                              more_smooth: bool = False, return_logits: bool = False,
                              padding: float = DEFAULT_PADDING,
-                             perturb_logits: Optional[LogitsPerturbation] = None) -> Union[jax.Array, VARSamples]:
+                             perturb_logits: Optional[Perturbation] = None) -> Union[jax.Array, VARSamples]:
     """Generates class-conditional images with VAR (upstream ``autoregressive_infer_cfg``).
 
     Args:
@@ -333,7 +329,8 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
             (`scale_lengths`; 0: one program per distinct scale length). Padding changes no real token's
             value beyond float reassociation (rows are independent), except that it is turned off for models
             whose dynamic per-tensor activation calibrator would see the padding (`rows_independent`).
-        perturb_logits: Optional `LogitsPerturbation` applied to every scale's guided logits before sampling
+        perturb_logits: Optional `Perturbation` ``(si, guided [B, l, V])`` applied to every scale's padded guided
+            logits before sampling
             (the error analyses inject noise there, `bitlaws.analysis`); None draws exactly as without it.
 
     Returns:
@@ -360,11 +357,7 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
         guided, cache = _scale_logits(var_def, var_state, rows, cond_BD, cache,
                                       _guidance_weights(cfg, si, num_scales), np.int32(begin), np.int32(end - begin))
         if perturb_logits is not None:
-            perturbed = perturb_logits(si, guided)
-            if perturbed.shape != guided.shape or perturbed.dtype != guided.dtype:
-                raise ValueError(f"perturb_logits changed scale {si}'s logits from {guided.shape} {guided.dtype} to "
-                                 f"{perturbed.shape} {perturbed.dtype}")
-            guided = perturbed
+            guided = apply_perturbation(perturb_logits, si, guided, "perturb_logits")
         idx, guided, f_hat, rows = _scale_tokens_to_codes(
             vae_def, vae_state, guided, f_hat, scale_keys[si], patch_nums=patch_nums, si=si,
             next_length=lengths[min(si + 1, num_scales - 1)], top_k=int(top_k), top_p=float(top_p),
