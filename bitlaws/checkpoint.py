@@ -32,10 +32,15 @@ def _key_name(entry) -> str:
     return str(getattr(entry, "key", getattr(entry, "idx", entry)))
 
 
+def dotted_path(path) -> str:
+    """A pytree key path as a dotted name (``blocks.0.attn.qkv.kernel``), dict keys and list indices alike."""
+    return ".".join(_key_name(entry) for entry in path)
+
+
 def _flat_shapes(tree) -> dict[str, tuple]:
     """``{dotted path: shape}``; integer keys (NNX lists) and their stored string form compare equal."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(_key_name(e) for e in path): tuple(np.shape(leaf)) for path, leaf in flat}
+    return {dotted_path(path): tuple(np.shape(leaf)) for path, leaf in flat}
 
 
 def save_model(model: nnx.Module, directory: Union[str, pathlib.Path], metadata: Optional[dict] = None) -> pathlib.Path:

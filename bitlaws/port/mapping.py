@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitlaws.checkpoint import DeferredArray
+from bitlaws.checkpoint import DeferredArray, dotted_path
 
 Transform = Callable[..., np.ndarray]
 
@@ -230,10 +230,6 @@ def _flat_target(abstract_model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
             for path, var in nnx.to_flat_state(state)}
 
 
-def _dotted(path: Sequence[Any]) -> str:
-    return ".".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class PortPlan:
     """A checked port: the abstract model and, for each of its state leaves, how to compute it.
@@ -263,7 +259,7 @@ class PortPlan:
         pure = nnx.to_pure_dict(nnx.state(self.abstract))
 
         def deferred(path, _):
-            key = _dotted(path)
+            key = dotted_path(path)
             leaf = self.leaves[key]
             return DeferredArray(leaf.shape, self.dtypes[key], leaf.value)
 
