@@ -60,7 +60,7 @@ def worker_jax(args: argparse.Namespace) -> dict:
             "steady": run.n / (end - second), "end_to_end": run.images_per_sec, "compile_s": second - stamps[0]}
 
 
-def _pytorch_fid_model():
+def pytorch_fid_model():
     """pytorch-fid's ``InceptionV3([3])`` with random weights (its FID trunk built without the download)."""
     import pytorch_fid.inception as pfi  # pylint: disable=g-import-not-at-top
 
@@ -85,7 +85,7 @@ def worker_torch(args: argparse.Namespace) -> dict:
     """Runs inside the subprocess: pytorch-fid InceptionV3 on the same images (NCHW float in [0, 1])."""
     import torch  # pylint: disable=g-import-not-at-top
 
-    model = _pytorch_fid_model()
+    model = pytorch_fid_model()
     images = torch.from_numpy(_images(args.images, args.size, args.seed)).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         start = time.perf_counter()

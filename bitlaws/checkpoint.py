@@ -186,7 +186,11 @@ def load_model(make_model: Callable[[], nnx.Module], directory: Union[str, pathl
     if not (directory / STATE_DIR).exists():
         raise FileNotFoundError(f"no checkpoint in {directory} (expected {directory / STATE_DIR})")
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-    target = nnx.to_pure_dict(abstract_state)
+    # Restored onto this process's first device, also in a multi-process job (`jax.distributed`): without a
+    # target sharding orbax reuses the stored one and refuses a checkpoint written by a job of another topology.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          nnx.to_pure_dict(abstract_state))
     with ocp.StandardCheckpointer() as checkpointer:
         stored_meta = checkpointer.metadata(directory / STATE_DIR)
         stored_tree = getattr(stored_meta, "item_metadata", stored_meta)

@@ -20,6 +20,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
+# `bitlaws port` kinds: the keys of `bitlaws.port.convert.KINDS` (listed here so `bitlaws --help` imports no JAX;
+# tests/port/test_convert.py checks the two agree).
+PORT_KINDS = ("var", "vqvae", "dit", "vae", "inception", "llamagen", "llamagen_vq", "mar", "mar_vae")
+
 # Exceptions that mean "bad input" (reported in one line, exit status 2). OSError covers unreadable,
 # missing or misplaced files and folders (IsADirectoryError, NotADirectoryError, PermissionError ...);
 # UnicodeDecodeError is a ValueError.
@@ -31,6 +35,9 @@ TRAINERS = {
     "vqvae": "bitlaws.demo.var_family",
     "var": "bitlaws.demo.var_family",
     "dit": "bitlaws.demo.dit_family",
+    "mar": "bitlaws.demo.mar_family",
+    "llamagen_vq": "bitlaws.demo.llamagen_family",
+    "llamagen": "bitlaws.demo.llamagen_family",
 }
 
 
@@ -231,7 +238,7 @@ def _add_analyze_parser(sub) -> None:
     analyze.set_defaults(func=_cmd_analyze)
 
 
-def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="sweep config FILE.py[:ARG], e.g. configs/sweeps/demo.py")
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, config.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -268,20 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     port = sub.add_parser("port", help="convert an official PyTorch checkpoint to an orbax checkpoint (no torch needed)",
                           description="Read an official checkpoint with the safe torch-free reader, map its keys to "
                                       "our NNX model (every missing/unexpected/misshapen key is named), save orbax.")
-    port.add_argument("kind", choices=["var", "vqvae", "dit", "vae", "inception"])
+    port.add_argument("kind", choices=PORT_KINDS)
     port.add_argument("--ckpt", required=True, help="the official weight file (.pth/.pt/.bin/.safetensors/.npz)")
     port.add_argument("--out", required=True,
                       help="output directory: new, empty, or holding an earlier port (replaced only with --force); "
                            "any other non-empty directory is refused, even with --force")
-    port.add_argument("--config", help="model config FILE.py[:ARG] (required for var, vqvae and dit)")
-    port.add_argument("--key", help="sub-dict of a nested checkpoint, e.g. 'ema' or 'model'")
+    port.add_argument("--config", help="model config FILE.py[:ARG] (required for var, vqvae, dit, llamagen and mar)")
+    port.add_argument("--key", help="sub-dict of a nested checkpoint, e.g. 'ema' or 'model' (mar: 'model_ema' "
+                                    "unless given)")
     port.add_argument("--force", action="store_true", help="replace the port already in --out")
     port.set_defaults(func=_cmd_port)
 
     sweep = sub.add_parser("sweep", help="run a resumable sweep of model x precision x format x method cells",
                            description="Evaluate every cell of a sweep config; finished cells are appended to "
                                        "OUT/results.jsonl and skipped when the sweep is rerun.")
-    _add_sweep_arguments(sweep)
+    add_sweep_arguments(sweep)
     sweep.set_defaults(func=_cmd_sweep)
 
     ptq = sub.add_parser("ptq", help="quantize a model with one PTQ method; write a quantized checkpoint",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -47,6 +48,8 @@ class Subject:
         calibration: ``() -> CalibrationData`` for methods that need data, or None (data-free methods only).
         source: One line saying where the model came from.
         protocol: The sampling settings, for records.
+        decoder: The network that turns the generator's output into images (VAR's tokenizer, DiT's VAE), for
+            callers that build their own sampling loop (`bitlaws.sweep.released_sampling`); None if not given.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Subject:
     calibration: Optional[Callable[[], CalibrationData]]
     source: str
     protocol: dict[str, Any]
+    decoder: Optional[nnx.Module] = None
 
     @property
     def num_steps(self) -> int:
@@ -121,7 +125,8 @@ def clamp_blocks(blocks: Sequence[int], depth: int) -> list[int]:
 
 
 def _var_subject(name: str, var: nnx.Module, vae: Any, *, cfg: float, top_k: int, top_p: float,
-                 more_smooth: bool, quant_pattern: str, calibration, source: str) -> Subject:
+                 more_smooth: bool, quant_pattern: str, calibration, source: str,
+                 decoder: Optional[nnx.Module] = None) -> Subject:
     def run(model, labels, key, perturb, on_step):
         return traj.var_trajectory(model, vae, labels, key, cfg=cfg, top_k=top_k, top_p=top_p,
                                    more_smooth=more_smooth, perturb=perturb, on_step=on_step)
@@ -130,11 +135,11 @@ def _var_subject(name: str, var: nnx.Module, vae: Any, *, cfg: float, top_k: int
     return Subject(name=name, family="var", model=var, quant_pattern=quant_pattern, num_classes=int(var.num_classes),
                    run=run, step_names=tuple(f"{p}x{p}" for p in patch_nums), rows=tuple(p * p for p in patch_nums),
                    noise_fn=traj.logits_noise, calibration=calibration, source=source,
-                   protocol=dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth))
+                   protocol=dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth), decoder=decoder)
 
 
 def _dit_subject(name: str, model: nnx.Module, protocol: traj.DiffusionProtocol, *, quant_pattern: str,
-                 calibration, source: str, record: dict) -> Subject:
+                 calibration, source: str, record: dict, decoder: Optional[nnx.Module] = None) -> Subject:
     def run(net, labels, key, perturb, on_step):
         return traj.dit_trajectory(net, labels, key, protocol, perturb=perturb, on_step=on_step)
 
@@ -147,7 +152,7 @@ def _dit_subject(name: str, model: nnx.Module, protocol: traj.DiffusionProtocol,
     return Subject(name=name, family="dit", model=model, quant_pattern=quant_pattern,
                    num_classes=int(model.num_classes), run=run, step_names=tuple(f"t={int(t)}" for t in timesteps),
                    rows=(None,) * len(timesteps), noise_fn=noise_fn, calibration=calibration, source=source,
-                   protocol=record)
+                   protocol=record, decoder=decoder)
 
 
 def demo_subject(name: str, respacing: Optional[str] = None) -> Subject:
@@ -180,6 +185,30 @@ def demo_subject(name: str, respacing: Optional[str] = None) -> Subject:
                                     clip_denoised=True))
 
 
+VAR_PROTOCOL = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
+"""The release's FID protocol of VAR (``configs/models/_var_common.py``), used when a port's config has none."""
+DIT_PROTOCOL = {"sampler": "ddpm", "timestep_respacing": "250", "cfg_scale": 1.5, "clip_denoised": False}
+"""The paper's FID protocol of DiT (``configs/models/dit.py``), used when a port's config has none."""
+
+
+def stored_sampling(directory: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The sampling protocol of a ported model: `defaults` updated from the ``sampling`` section of the model
+    config its port was made with (the ``config`` of its ``bitlaws.json``; e.g. ``configs/models/var_d16.py``).
+
+    Only the keys of `defaults` are read; a port without a stored config, a config file that is gone or a config
+    without a ``sampling`` section leaves `defaults` as they are.
+    """
+    from bitlaws import checkpoint, configlib  # pylint: disable=g-import-not-at-top
+
+    spec = checkpoint.load_metadata(directory).get("config")
+    protocol = dict(defaults)
+    if not spec or not pathlib.Path(str(spec).partition(":")[0]).is_file():
+        return protocol
+    section = configlib.load_config(str(spec)).get("sampling", None) or {}
+    protocol.update({key: section[key] for key in defaults if key in section})
+    return protocol
+
+
 def _load_ported(directory: str, kinds: Sequence[str]) -> nnx.Module:
     from bitlaws import checkpoint  # pylint: disable=g-import-not-at-top
     from bitlaws.port.convert import load_ported  # pylint: disable=g-import-not-at-top
@@ -195,18 +224,19 @@ def ported_var(var_dir: str, vqvae_dir: str, sampling: Optional[dict] = None) ->
 
     Args:
         var_dir, vqvae_dir: The two ``bitlaws port`` output folders.
-        sampling: ``cfg``, ``top_k``, ``top_p``, ``more_smooth`` (default: the release's FID protocol from
-            ``configs/models/_var_common.py``: cfg 1.5, top-k 900, top-p 0.96, no smoothing).
+        sampling: ``cfg``, ``top_k``, ``top_p``, ``more_smooth`` overriding the port's stored protocol
+            (`stored_sampling`; the release's FID protocol `VAR_PROTOCOL` from ``configs/models/_var_common.py``:
+            cfg 1.5, top-k 900, top-p 0.96, no smoothing).
     """
     from bitlaws.demo.var_family import QUANT_PATTERN  # pylint: disable=g-import-not-at-top
 
-    sampling = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, **dict(sampling or {})}
+    sampling = {**stored_sampling(var_dir, VAR_PROTOCOL), **dict(sampling or {})}
     var = _load_ported(var_dir, ("var",))
     vae = _load_ported(vqvae_dir, ("vqvae",))
     return _var_subject(f"ported {var_dir}", var, vae, cfg=float(sampling["cfg"]), top_k=int(sampling["top_k"]),
                         top_p=float(sampling["top_p"]), more_smooth=bool(sampling["more_smooth"]),
                         quant_pattern=QUANT_PATTERN, calibration=None,
-                        source=f"ported VAR {var_dir} with tokenizer {vqvae_dir}")
+                        source=f"ported VAR {var_dir} with tokenizer {vqvae_dir}", decoder=vae)
 
 
 def ported_dit(dit_dir: str, vae_dir: str, sampling: Optional[dict] = None) -> Subject:
@@ -215,13 +245,13 @@ def ported_dit(dit_dir: str, vae_dir: str, sampling: Optional[dict] = None) -> S
     Args:
         dit_dir, vae_dir: The two ``bitlaws port`` output folders.
         sampling: ``sampler`` (``ddpm`` / ``ddim``), ``timestep_respacing``, ``cfg_scale``, ``clip_denoised``
-            (default: the paper's protocol from ``configs/models/dit.py``: 250 DDPM steps, cfg 1.5, no clipping).
+            overriding the port's stored protocol (`stored_sampling`; the paper's protocol `DIT_PROTOCOL` from
+            ``configs/models/dit.py``: 250 DDPM steps, cfg 1.5, no clipping).
     """
     from bitlaws.demo.dit_family import QUANT_PATTERN  # pylint: disable=g-import-not-at-top
     from bitlaws.sample.diffusion import create_diffusion  # pylint: disable=g-import-not-at-top
 
-    sampling = {"sampler": "ddpm", "timestep_respacing": "250", "cfg_scale": 1.5, "clip_denoised": False,
-                **dict(sampling or {})}
+    sampling = {**stored_sampling(dit_dir, DIT_PROTOCOL), **dict(sampling or {})}
     model = _load_ported(dit_dir, ("dit",))
     vae = _load_ported(vae_dir, ("vae",))
     decode = nnx.jit(lambda v, z: v.decode(z))
@@ -229,7 +259,7 @@ def ported_dit(dit_dir: str, vae_dir: str, sampling: Optional[dict] = None) -> S
                                       float(sampling["cfg_scale"]), bool(sampling["clip_denoised"]),
                                       decode=lambda z: decode(vae, z))
     return _dit_subject(f"ported {dit_dir}", model, protocol, quant_pattern=QUANT_PATTERN, calibration=None,
-                        source=f"ported DiT {dit_dir} with VAE {vae_dir}", record=dict(sampling))
+                        source=f"ported DiT {dit_dir} with VAE {vae_dir}", record=dict(sampling), decoder=vae)
 
 
 # --------------------------------------------------------------------------------------------- quantize
@@ -248,6 +278,11 @@ class Precision:
         return f"{self.setting}-{self.format}-{self.method}"
 
 
+def needs_calibration(method: str, rules: Sequence[Any]) -> bool:
+    """Whether `method` under `rules` needs calibration data (its own need, or static activation scales)."""
+    return settings.get_method(method).needs_data or any(r.act is not None and r.act.static for r in rules)
+
+
 def quantized(subject: Subject, precision: Precision) -> nnx.Module:
     """`subject.model` quantized as `precision` on `subject.quant_pattern` (fake-quant values baked in float).
 
@@ -258,10 +293,8 @@ def quantized(subject: Subject, precision: Precision) -> nnx.Module:
     rules = settings.quant_rules(precision.setting, precision.format, subject.quant_pattern)
     if not rules:
         return subject.model
-    method = settings.get_method(precision.method)
-    needs_data = method.needs_data or any(r.act is not None and r.act.static for r in rules)
     data = calibrate = None
-    if needs_data:
+    if needs_calibration(precision.method, rules):
         if subject.calibration is None:
             raise ValueError(f"method {precision.method!r} needs calibration data, which {subject.name} has none of; "
                              f"use a data-free method (rtn)")

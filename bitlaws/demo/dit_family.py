@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
-import shlex
-import time
 from typing import Any, Optional, Union
 
 import jax
@@ -40,19 +37,21 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from bitlaws.checkpoint import load_metadata, load_model, save_model
-from bitlaws.demo.data import load_digits
+from bitlaws.checkpoint import load_metadata, load_model
+from bitlaws.demo import digits_training
 from bitlaws.demo.family import calibration_digits, register_family, spread_labels
 from bitlaws.models.dit import DiT
 from bitlaws.sample import draws
-from bitlaws.sample.diffusion import GaussianDiffusion, MeanType, create_diffusion
-from bitlaws.train import STATE_DIR, TrainConfig, train_module
+from bitlaws.sample import diffusion_losses
+from bitlaws.sample.diffusion import GaussianDiffusion, create_diffusion
+from bitlaws.sample.diffusion_losses import diffusion_loss_terms, q_sample
+from bitlaws.train import STATE_DIR
 
 FAMILY = "dit"
 CHECKPOINT_ROOT = pathlib.Path(__file__).resolve().parent / "checkpoints"
 TRAIN_STATE_DIR = STATE_DIR
-MODEL_DIR = "model"
-SUMMARY_FILE = "summary.json"
+MODEL_DIR = digits_training.MODEL_DIR
+SUMMARY_FILE = digits_training.SUMMARY_FILE
 VAL_TIMESTEPS = (0, 50, 250, 500, 750)  # fixed timesteps of the validation loss
 PREDICT_XSTART = True  # the demo DiTs predict x0 (see the module docstring)
 
@@ -109,83 +108,10 @@ def count_params(model: nnx.Module) -> int:
 
 # ----------------------------------------------------------------------------- training loss
 
-
-def _extract(table: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
-    """``table[t]`` (float64 schedule, cast to float32) shaped ``[B, 1, ..., 1]`` of rank `ndim`."""
-    values = jnp.asarray(np.asarray(table, np.float64).astype(np.float32))[t]  # [B]
-    return values.reshape(values.shape + (1,) * (ndim - 1))
-
-
-def q_sample(diffusion: GaussianDiffusion, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``: ``[B, H, W, C]`` float32 (`t` ``[B]`` int)."""
-    ndim = x_start.ndim
-    return (_extract(np.sqrt(diffusion.alphas_cumprod), t, ndim) * x_start
-            + _extract(np.sqrt(1.0 - diffusion.alphas_cumprod), t, ndim) * noise)
-
-
-def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:
-    """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                  + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
-
-
-def _approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
-    """The tanh approximation of the standard normal CDF used by upstream's decoder likelihood."""
-    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(x: jax.Array, means: jax.Array, log_scales: jax.Array) -> jax.Array:
-    """Log-likelihood (nats) of 8-bit data `x` in [-1, 1] under a Gaussian discretized into 255 bins.
-
-    Each value owns the bin ``x +- 1/255``; the edge bins extend to -inf / +inf. All arrays share a shape;
-    the result has it too.
-    """
-    centered = x - means
-    inv_std = jnp.exp(-log_scales)
-    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-
-
-def _mean_flat(x: jax.Array) -> jax.Array:
-    """Mean over all but the batch axis: ``[B, ...] -> [B]``."""
-    return x.reshape(x.shape[0], -1).mean(axis=1)
-
-
-def diffusion_loss_terms(diffusion: GaussianDiffusion, model_output: jax.Array, x_start: jax.Array,
-                         x_t: jax.Array, t: jax.Array, noise: jax.Array) -> dict[str, jax.Array]:
-    """The learned-sigma DiT/ADM training loss terms per example.
-
-    Args:
-        diffusion: The (unrespaced) training diffusion.
-        model_output: ``[B, H, W, 2C]`` float32: predicted eps (or x0 for a ``START_X`` diffusion) then the
-            variance interpolation values.
-        x_start: ``[B, H, W, C]`` clean images in [-1, 1].
-        x_t: ``[B, H, W, C]`` noised images (`q_sample` of `x_start` with `noise` at `t`).
-        t: ``[B]`` int32 timesteps.
-        noise: ``[B, H, W, C]`` the eps that made `x_t`.
-
-    Returns:
-        ``mse``, ``vb`` (bits/dim) and ``loss = mse + vb``, each ``[B]`` float32.
-    """
-    channels = x_start.shape[-1]
-    mean_pred, var_values = model_output[..., :channels], model_output[..., channels:]
-    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_pred), var_values], axis=-1)  # vb trains sigma only
-    ndim = x_start.ndim
-    true_mean = (_extract(diffusion.posterior_mean_coef1, t, ndim) * x_start
-                 + _extract(diffusion.posterior_mean_coef2, t, ndim) * x_t)
-    true_log_variance = _extract(diffusion.posterior_log_variance_clipped, t, ndim)
-    model = diffusion.p_mean_variance(lambda _x, _t: frozen, x_t, t, clip_denoised=False)
-    kl = _mean_flat(normal_kl(true_mean, true_log_variance, model["mean"], model["log_variance"])) / math.log(2.0)
-    decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(
-        x_start, model["mean"], 0.5 * model["log_variance"])) / math.log(2.0)
-    vb = jnp.where(t == 0, decoder_nll, kl)  # [B]
-    target = x_start if diffusion.mean_type == MeanType.START_X else noise
-    mse = _mean_flat(jnp.square(target - mean_pred))
-    return {"mse": mse, "vb": vb, "loss": mse + vb}
+# The pure loss helpers moved to `bitlaws.sample.diffusion_losses` (shared with MAR's diffusion head); `q_sample`
+# and `diffusion_loss_terms` are imported above and these stay importable from here too.
+normal_kl = diffusion_losses.normal_kl
+discretized_gaussian_log_likelihood = diffusion_losses.discretized_gaussian_log_likelihood
 
 
 @functools.lru_cache(maxsize=4)
@@ -425,8 +351,8 @@ register_family(FAMILY, member_names, load)
 
 # ----------------------------------------------------------------------------- training
 
-TRAIN_KEYS_NOT_IN_LOOP = ("batch_size", "val_eval")
-"""Keys of the config's ``train`` block that `bitlaws.train.TrainConfig` does not take."""
+TRAIN_KEYS_NOT_IN_LOOP = digits_training.TRAIN_KEYS_NOT_IN_LOOP
+_batch_indices = digits_training.batch_indices  # moved to `bitlaws.demo.digits_training` (shared with MAR)
 
 
 def _train_loss(model: DiT, batch: tuple[jax.Array, jax.Array], key: jax.Array) -> tuple[jax.Array, dict]:
@@ -437,14 +363,6 @@ def _train_loss(model: DiT, batch: tuple[jax.Array, jax.Array], key: jax.Array) 
     noise = jax.random.normal(noise_key, images.shape, jnp.float32)
     terms = model_loss_terms(model, images, labels, t, noise, dropout_key=dropout_key)
     return terms["loss"].mean(), {name: value.mean() for name, value in terms.items()}
-
-
-def _batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Indices of the batch at `step`: epochs of seeded permutations (a pure function of the step)."""
-    per_epoch = num_examples // batch_size
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return order[offset * batch_size:(offset + 1) * batch_size]
 
 
 def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pathlib.Path], *,
@@ -468,63 +386,14 @@ def train_from_config(config: ml_collections.ConfigDict, out_dir: Union[str, pat
     """
     if config.family != FAMILY:
         raise ValueError(f"config family is {config.family!r}, expected {FAMILY!r}")
-    start_time = time.perf_counter()
-    out_dir = pathlib.Path(out_dir)
-    train = config.train
-    model_kwargs = config.model.to_dict()
-    model = make_model(model_kwargs, seed=train.seed)
-    data = load_digits("train")
-    batch_size = min(train.batch_size, len(data))
-
-    def get_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
-        index = _batch_indices(len(data), batch_size, step, train.seed)
-        return data.images[index], data.labels[index]
-
-    result = train_module(model, _train_loss, get_batch, TrainConfig.from_config(train, ignore=TRAIN_KEYS_NOT_IN_LOOP),
-                          out_dir=out_dir, progress=progress, desc=config.name)
-    nnx.update(model, result.ema)  # the exported model is the EMA (the raw weights stay in train_state)
-    recent = [r for r in result.history if r["step"] > result.step - 100]
-    val = load_digits("val")
-    val_losses = evaluate_loss(model, val.images, val.labels) if train.get("val_eval", True) else {}
-    summary = {
-        "name": config.name,
-        "family": FAMILY,
-        "params": count_params(model),
-        "steps": result.step,
-        "resumed_from": result.start_step,
-        "wall_s": round(time.perf_counter() - start_time, 1),
-        "train_losses": {name: float(np.mean([r[name] for r in recent])) for name in ("loss", "mse", "vb")}
-        if recent else {},
-        "val_losses_ema": val_losses,
-        "val_timesteps": list(VAL_TIMESTEPS),
-        "command": command or str(config.get("command", "")),
-    }
-    metadata = {"family": FAMILY, "name": config.name, "model": model_kwargs,
-                "sampling": config.sampling.to_dict(), "training": {**summary, "config": config.train.to_dict()}}
-    save_model(model, out_dir / MODEL_DIR, metadata)
-    summary["model_dir"] = str((out_dir / MODEL_DIR).resolve())
-    summary["train_state_dir"] = str((out_dir / TRAIN_STATE_DIR).resolve())
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
-    return summary
+    model = make_model(config.model.to_dict(), seed=config.train.seed)
+    return digits_training.train_digits_model(config, out_dir, model, _train_loss, evaluate_loss,
+                                              summary_extra={"val_timesteps": list(VAL_TIMESTEPS)},
+                                              progress=progress, command=command)
 
 
 def train_from_config_path(config_spec: str, out_dir: Optional[Union[str, pathlib.Path]] = None, *,
                            overrides: tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
-    """`train_from_config` for ``"configs/demo/dit.py:depth=4"`` (what ``bitlaws train`` calls).
-
-    Args:
-        config_spec: Config file and argument.
-        out_dir: Output folder (default ``runs/train/<name>``).
-        overrides: ``key.sub=value`` config overrides.
-        progress: Show a progress bar.
-
-    Returns:
-        The training summary.
-    """
-    from bitlaws.configlib import load_config  # pylint: disable=g-import-not-at-top
-
-    config = load_config(config_spec, overrides)
-    out_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("runs/train") / config.name
-    command = " ".join(["bitlaws train --config", shlex.quote(config_spec),
-                        *[f"--set {shlex.quote(o)}" for o in overrides], "--out", shlex.quote(str(out_dir))])
-    return train_from_config(config, out_dir, progress=progress, command=command)
+    """`train_from_config` for ``"configs/demo/dit.py:depth=4"`` (`digits_training.train_from_config_path`)."""
+    return digits_training.train_from_config_path(train_from_config, config_spec, out_dir, overrides=overrides,
+                                                  progress=progress)

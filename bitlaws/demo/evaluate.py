@@ -34,6 +34,7 @@ reduction axis.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import pathlib
 from typing import Any, Callable, Sequence
@@ -170,10 +171,18 @@ def _abstract_dit(name: str) -> nnx.Module:
     return nnx.eval_shape(lambda: dit_family.DiT(**kwargs, rngs=nnx.Rngs(0)))
 
 
-# family -> (abstract network of a member name, module-path regex of its quantized layers)
-_ABSTRACT: dict[str, tuple[Callable[[str], nnx.Module], str]] = {
-    "var": (_abstract_var, var_family.QUANT_PATTERN),
-    "dit": (_abstract_dit, dit_family.QUANT_PATTERN),
+def _abstract_from(module_name: str) -> tuple[Callable[[str], nnx.Module], str]:
+    """``(abstract_member, QUANT_PATTERN)`` of a family module that provides both (LlamaGen, MAR)."""
+    module = importlib.import_module(module_name)
+    return module.abstract_member, module.QUANT_PATTERN
+
+
+# family -> () -> (abstract network of a member name, module-path regex of its quantized layers)
+_ABSTRACT: dict[str, Callable[[], tuple[Callable[[str], nnx.Module], str]]] = {
+    "var": lambda: (_abstract_var, var_family.QUANT_PATTERN),
+    "dit": lambda: (_abstract_dit, dit_family.QUANT_PATTERN),
+    "llamagen": lambda: _abstract_from("bitlaws.demo.llamagen_family"),
+    "mar": lambda: _abstract_from("bitlaws.demo.mar_family"),
 }
 
 
@@ -187,7 +196,7 @@ def abstract_member(name: str) -> tuple[nnx.Module, str]:
     family_name = name.split("-", 1)[0]
     if family_name not in _ABSTRACT:
         raise ValueError(f"unknown demo family {family_name!r} in model {name!r}; families: {sorted(_ABSTRACT)}")
-    build, pattern = _ABSTRACT[family_name]
+    build, pattern = _ABSTRACT[family_name]()
     return build(name), pattern
 
 

@@ -62,7 +62,8 @@ def register_family(family: str, names: Callable[[], list[str]], load: Callable[
 
 # The shipped families register themselves when their module is imported; the lookups below import them on first
 # use, so ``family.load_member("var-d2")`` works without importing `bitlaws.demo.var_family` first.
-SHIPPED_FAMILY_MODULES = ("bitlaws.demo.var_family", "bitlaws.demo.dit_family")
+SHIPPED_FAMILY_MODULES = ("bitlaws.demo.var_family", "bitlaws.demo.dit_family", "bitlaws.demo.llamagen_family",
+                          "bitlaws.demo.mar_family")
 
 
 def _import_shipped() -> None:

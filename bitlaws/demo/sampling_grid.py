@@ -27,11 +27,13 @@ NUM_CLASSES = 10
 
 
 def _with_setting(member, cfg: float, top_p: float):
-    """`member` with its sampling setting replaced (VAR: cfg and top_p; DiT: the CFG scale)."""
+    """`member` with its sampling setting replaced (VAR: cfg and top_p; DiT, MAR: the CFG scale)."""
     if member.family == var_family.FAMILY:
         return dataclasses.replace(member, cfg=cfg, top_p=top_p)
     if top_p:
         raise ValueError("top_p applies to VAR members only")
+    if hasattr(member, "sampling"):  # MAR: the settings are a dict (the CFG scale is its "cfg")
+        return dataclasses.replace(member, sampling={**member.sampling, "cfg": cfg})
     return dataclasses.replace(member, cfg_scale=cfg)
 
 

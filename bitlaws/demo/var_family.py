@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
-import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -33,14 +31,16 @@ from flax import nnx
 
 from bitlaws import checkpoint
 from bitlaws.demo.data import DigitsData, load_digits
-from bitlaws.demo.family import calibration_digits, register_family, spread_labels, with_null_labels
+from bitlaws.demo.family import calibration_digits, register_family, spread_labels
+from bitlaws.demo.members import (CHECKPOINT_ROOT, batched, depth_members, load_cached, member_metadata, plain,
+                                  reconstruction_metrics, sampled_calibration_batches, step_rng,
+                                  token_calibration_protocol, train_command, train_summary)
 from bitlaws.models.var import VAR
 from bitlaws.models.vqvae import VQVAE, area_resize, bicubic_resize
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
-from bitlaws.train import STATE_DIR, TrainConfig, TrainResult, train_module
+from bitlaws.train import STATE_DIR, TrainConfig, train_module
 
 FAMILY = "var"
-CHECKPOINT_ROOT = pathlib.Path(__file__).resolve().parent / "checkpoints"
 TOKENIZER_NAME = "vqvae"
 TRAIN_STATE_DIR = STATE_DIR
 QUANT_PATTERN = (r"word_embed|blocks\.\d+\.(attn\.(mat_qkv|proj)|ffn\.fc[12]|ada_lin)"
@@ -54,17 +54,6 @@ Batch = tuple[np.ndarray, ...]
 # ----------------------------------------------------------------------------------------------
 # Model construction.
 # ----------------------------------------------------------------------------------------------
-
-def _plain(value: Any) -> Any:
-    """ConfigDicts, tuples and numpy scalars -> JSON-friendly python values."""
-    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
-        return {str(k): _plain(v) for k, v in dict(value).items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
 
 def _vqvae_kwargs(ctor: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = dict(ctor)
@@ -181,19 +170,6 @@ def _reconstruct(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) ->
     return vae.idx_bl_to_img(vae.img_to_idx_bl(images), last_one=True)
 
 
-def _batched(fn: Callable[[jax.Array], Any], images: np.ndarray, batch_size: int) -> list[Any]:
-    """Applies `fn` to fixed-size chunks (the last one zero-padded, results trimmed) to avoid recompiling."""
-    outputs = []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size]
-        count = chunk.shape[0]
-        if count < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)])
-        result = fn(jnp.asarray(chunk))
-        outputs.append(jax.tree.map(lambda a, n=count: np.asarray(a)[:n], result))
-    return outputs
-
-
 def tokenize(vae: VQVAE, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Tokenizes images with the inference path.
 
@@ -206,7 +182,7 @@ def tokenize(vae: VQVAE, images: np.ndarray, batch_size: int = 256) -> tuple[np.
         ``(tokens [N, L] int32 (all scales concatenated), VAR inputs [N, L - 1, Cvae] float32)``.
     """
     graphdef, state = nnx.split(vae)
-    parts = _batched(lambda x: _tokens_and_inputs(graphdef, state, x), images, batch_size)
+    parts = batched(lambda x: _tokens_and_inputs(graphdef, state, x), images, batch_size)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -219,20 +195,13 @@ def split_scales(tokens: np.ndarray, patch_nums: Sequence[int]) -> list[np.ndarr
 def reconstruct(vae: VQVAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Tokenize-then-decode: ``[N, H, W, 3]`` in [-1, 1] -> ``[N, H, W, 3]`` in [-1, 1]."""
     graphdef, state = nnx.split(vae)
-    return np.concatenate(_batched(lambda x: _reconstruct(graphdef, state, x), images, batch_size))
+    return np.concatenate(batched(lambda x: _reconstruct(graphdef, state, x), images, batch_size))
 
 
 def evaluate_tokenizer(vae: VQVAE, data: DigitsData) -> dict[str, float]:
     """Reconstruction errors and codebook usage on `data`: ``mse``, ``l1``, ``codes_used``, ``perplexity``."""
-    recon = reconstruct(vae, data.images)
-    tokens, _ = tokenize(vae, data.images)
-    counts = np.bincount(tokens.reshape(-1), minlength=vae.vocab_size).astype(np.float64)
-    probs = counts / counts.sum()
-    entropy = -np.sum(probs[probs > 0] * np.log(probs[probs > 0]))
-    return {"mse": float(np.mean(np.square(recon - data.images))),
-            "l1": float(np.mean(np.abs(recon - data.images))),
-            "codes_used": int(np.count_nonzero(counts)),
-            "perplexity": float(np.exp(entropy))}
+    return reconstruction_metrics(reconstruct(vae, data.images), data.images, tokenize(vae, data.images)[0],
+                                  vae.vocab_size)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -257,26 +226,30 @@ def _quantizer_inputs(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Arra
     return jnp.concatenate(vectors), jnp.concatenate(picks)
 
 
-def reseed_dead_codes(vae: VQVAE, images: np.ndarray, rng: np.random.Generator, *, all_codes: bool = False) -> int:
+def reseed_dead_codes(vae: nnx.Module, images: np.ndarray, rng: np.random.Generator, *, all_codes: bool = False,
+                      quantizer_inputs: Optional[Callable[..., tuple[jax.Array, jax.Array]]] = None) -> int:
     """Replaces codes no vector of `images` picks by randomly chosen quantizer inputs (in place).
 
     Args:
-        vae: The tokenizer (its codebook is modified).
+        vae: The tokenizer (its codebook ``vae.quantize.embedding`` is modified).
         images: ``[N, H, W, 3]`` float32 probe images.
         rng: numpy generator choosing the replacement vectors.
         all_codes: Re-seed the whole codebook (data-dependent initialisation).
+        quantizer_inputs: ``(graphdef, state, images) -> (vectors [N_vec, C], picked codes [N_vec])`` of the
+            tokenizer's quantizer; default: the multi-scale `VQVAE`'s (every scale).
 
     Returns:
         The number of re-seeded codes.
     """
+    quantizer_inputs = quantizer_inputs or _quantizer_inputs
     graphdef, state = nnx.split(vae)
-    vectors, picks = (np.asarray(a) for a in _quantizer_inputs(graphdef, state, jnp.asarray(images)))
-    used = np.bincount(picks, minlength=vae.vocab_size) > 0
-    dead = np.arange(vae.vocab_size) if all_codes else np.flatnonzero(~used)
+    vectors, picks = (np.asarray(a) for a in quantizer_inputs(graphdef, state, jnp.asarray(images)))
+    codebook = np.array(vae.quantize.embedding.embedding[...])  # [V, C]
+    used = np.bincount(picks, minlength=codebook.shape[0]) > 0
+    dead = np.arange(codebook.shape[0]) if all_codes else np.flatnonzero(~used)
     if dead.size == 0:
         return 0
     chosen = vectors[rng.choice(vectors.shape[0], dead.size, replace=dead.size > vectors.shape[0])]
-    codebook = np.array(vae.quantize.embedding.embedding[...])
     codebook[dead] = chosen
     vae.quantize.embedding.embedding[...] = jnp.asarray(codebook)
     return int(dead.size)
@@ -345,20 +318,6 @@ def train_config(train: ml_collections.ConfigDict, ignore: Sequence[str] = ("bat
     return TrainConfig.from_config(train, ignore=ignore)
 
 
-def _summary_of(result: TrainResult) -> dict[str, Any]:
-    """The ``train`` entry of a summary: start step, steps, wall time (all sessions), recent mean metrics."""
-    return {"start_step": result.start_step, "steps": result.step, "wall_s": result.wall_s, "metrics": result.metrics}
-
-
-def _step_rng(seed: int, step: int) -> np.random.Generator:
-    """The numpy generator of training step `step` (>= -1; -1 is for set-up draws)."""
-    return np.random.default_rng([seed, step + 1])
-
-
-def _command(config: ml_collections.ConfigDict) -> str:
-    return str(config.get("command", f"bitlaws train --config configs/demo/{config.family}.py"))
-
-
 def _tokenizer_train_loss(model: VQVAE, batch: Batch, key: jax.Array, *, beta: float, l1_weight: float,
                           l2_weight: float) -> tuple[jax.Array, dict]:
     del key  # deterministic
@@ -373,33 +332,33 @@ def train_tokenizer(config: ml_collections.ConfigDict, out_dir: PathLike, *, sto
     ``dead_code_every`` steps the codes none of them picks are re-seeded (`reseed_dead_codes`).
     """
     train = config.train
-    ctor = _plain(config.model)
+    ctor = plain(config.model)
     vae = build_tokenizer(ctor, train.seed)
     graphdef, _, rest = nnx.split(vae, nnx.Param, ...)
     images = load_digits("train").images
-    probe = images[_step_rng(train.seed, -1).choice(len(images), min(512, len(images)), replace=False)]
+    probe = images[step_rng(train.seed, -1).choice(len(images), min(512, len(images)), replace=False)]
 
     def get_batch(step: int) -> Batch:
-        return (images[_step_rng(train.seed, step).choice(len(images), train.batch_size, replace=False)],)
+        return (images[step_rng(train.seed, step).choice(len(images), train.batch_size, replace=False)],)
 
     def between_steps(params: nnx.State, step: int) -> nnx.State:
         if step and not (train.dead_code_every and step % train.dead_code_every == 0):
             return params
         model = nnx.merge(graphdef, params, rest)
-        reseed_dead_codes(model, probe, _step_rng(train.seed, step), all_codes=step == 0)
+        reseed_dead_codes(model, probe, step_rng(train.seed, step), all_codes=step == 0)
         return nnx.state(model, nnx.Param)
 
     loss_fn = functools.partial(_tokenizer_train_loss, beta=train.beta, l1_weight=train.l1_weight,
                                 l2_weight=train.l2_weight)
     result = train_module(vae, loss_fn, get_batch, train_config(train, TOKENIZER_TRAIN_KEYS), out_dir=out_dir,
                           desc=config.name, between_steps=between_steps, stop_after=stop_after, progress=progress)
-    summary = {"name": config.name, "family": "vqvae", "params": num_params(vae), "command": _command(config),
-               "train": _summary_of(result), "finished": result.step >= train.steps}
+    summary = {"name": config.name, "family": "vqvae", "params": num_params(vae), "command": train_command(config),
+               "train": train_summary(result), "finished": result.step >= train.steps}
     if not summary["finished"]:
         return summary
     summary["val"] = evaluate_tokenizer(vae, load_digits("val"))
     checkpoint.save_model(vae, out_dir, {"family": "vqvae", "ctor": ctor, "summary": summary,
-                                         "config": _plain(config)})
+                                         "config": plain(config)})
     return summary
 
 
@@ -419,26 +378,26 @@ def train_var(config: ml_collections.ConfigDict, out_dir: PathLike, *, stop_afte
     tokenizer_dir = _resolve_tokenizer_dir(config.tokenizer_dir)
     vae = load_tokenizer(tokenizer_dir)
     tokenizer_ctor = checkpoint.load_metadata(tokenizer_dir)["ctor"]
-    ctor = _plain(config.model)
+    ctor = plain(config.model)
     model = build_var(ctor, tokenizer_ctor, train.seed)
     data = load_digits("train")
     tokens, inputs = tokenize(vae, data.images)
 
     def get_batch(step: int) -> Batch:
-        rows = _step_rng(train.seed, step).choice(len(data), train.batch_size, replace=False)
+        rows = step_rng(train.seed, step).choice(len(data), train.batch_size, replace=False)
         return data.labels[rows], inputs[rows], tokens[rows]
 
     result = train_module(model, _var_train_loss, get_batch, train_config(train), out_dir=out_dir, desc=config.name,
                           stop_after=stop_after, progress=progress)
-    summary = {"name": config.name, "family": FAMILY, "params": num_params(model), "command": _command(config),
-               "train": _summary_of(result), "finished": result.step >= train.steps}
+    summary = {"name": config.name, "family": FAMILY, "params": num_params(model), "command": train_command(config),
+               "train": train_summary(result), "finished": result.step >= train.steps}
     if not summary["finished"]:
         return summary
     summary["val"] = {"loss": teacher_forced_loss(model, vae, load_digits("val")),
                       "log_vocab": math.log(model.vocab_size)}
     checkpoint.save_model(model, out_dir, {
-        "family": FAMILY, "ctor": ctor, "tokenizer_ctor": tokenizer_ctor, "sample": _plain(config.sample),
-        "summary": summary, "config": _plain(config)})
+        "family": FAMILY, "ctor": ctor, "tokenizer_ctor": tokenizer_ctor, "sample": plain(config.sample),
+        "summary": summary, "config": plain(config)})
     return summary
 
 
@@ -471,16 +430,9 @@ def train_from_config(config: ml_collections.ConfigDict, out_dir: Optional[PathL
 # The demo family.
 # ----------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer_cached(directory: str) -> VQVAE:
-    ctor = checkpoint.load_metadata(directory)["ctor"]
-    return checkpoint.load_model(lambda: build_tokenizer(ctor), directory)
-
-
 def load_tokenizer(directory: Optional[PathLike] = None) -> VQVAE:
     """The trained tokenizer (default: the shipped one), cached per directory; treat it as read-only."""
-    directory = pathlib.Path(directory) if directory is not None else CHECKPOINT_ROOT / TOKENIZER_NAME
-    return _load_tokenizer_cached(str(directory.resolve()))
+    return load_cached(build_tokenizer, directory if directory is not None else CHECKPOINT_ROOT / TOKENIZER_NAME)
 
 
 @dataclasses.dataclass
@@ -536,20 +488,10 @@ class VarMember:
                                          key=jax.random.key(seed), cfg=self.cfg, top_k=self.top_k, top_p=self.top_p,
                                          return_logits=True)
         inputs = self.tokenizer.idx_bl_to_var_input(drawn.tokens)  # [n, L - 1, Cvae]
-        batches = []
-        for index in range(num_batches):
-            rows = slice(index * batch_size, (index + 1) * batch_size)
-            rng = np.random.default_rng([seed, index])
-            batch_labels = with_null_labels(labels[rows], self.model.num_classes, rng)
-            batches.append((jnp.asarray(batch_labels), inputs[rows]))
-        return batches
+        return sampled_calibration_batches(labels, inputs, num_batches, seed, self.model.num_classes)
 
     def calibration_protocol(self, source: str) -> str:
-        if source == "samples":
-            return (f"teacher-forced on token maps of the float model's own samples (cfg {self.cfg}, top-k "
-                    f"{self.top_k}, top-p {self.top_p}), labels spread evenly over the classes, half of each batch "
-                    f"relabelled as the null class")
-        return "teacher-forced on token maps of real training digits, half of each batch relabelled as the null class"
+        return token_calibration_protocol(source, f"cfg {self.cfg}, top-k {self.top_k}, top-p {self.top_p}")
 
     def calibration_forward(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         """Teacher-forced logits ``[B, L, V]`` (all scales in one pass, as in training), `nnx.jit`-compiled."""
@@ -569,24 +511,14 @@ _teacher_forced_logits_jit = nnx.jit(_teacher_forced_logits)
 
 def member_names(root: PathLike = CHECKPOINT_ROOT) -> list[str]:
     """Shipped members, by depth: ``["var-d2", "var-d3", ...]``."""
-    found = []
-    for path in pathlib.Path(root).glob("var-d*"):
-        match = re.fullmatch(r"var-d(\d+)", path.name)
-        if match and (path / checkpoint.STATE_DIR).exists():
-            found.append((int(match.group(1)), path.name))
-    return [name for _, name in sorted(found)]
+    return depth_members(FAMILY, root)
 
 
 def load_member(name: str, root: PathLike = CHECKPOINT_ROOT) -> VarMember:
     """Loads a member (``var-d4``) from `root` with the shipped tokenizer."""
     directory = pathlib.Path(root) / name
-    if not (directory / checkpoint.STATE_DIR).exists():
-        raise ValueError(f"no VAR demo member {name!r} in {root}; available: {member_names(root)}")
-    metadata = checkpoint.load_metadata(directory)
+    metadata, tokenizer_ctor = member_metadata(name, root, TOKENIZER_NAME)
     tokenizer_dir = pathlib.Path(root) / TOKENIZER_NAME
-    tokenizer_ctor = checkpoint.load_metadata(tokenizer_dir)["ctor"]
-    if json.dumps(tokenizer_ctor, sort_keys=True) != json.dumps(metadata["tokenizer_ctor"], sort_keys=True):
-        raise ValueError(f"{name} was trained with another tokenizer than the one in {tokenizer_dir}")
     model = checkpoint.load_model(lambda: build_var(metadata["ctor"], tokenizer_ctor), directory)
     sample = metadata["sample"]
     return VarMember(name=name, family=FAMILY, model=model, quant_pattern=QUANT_PATTERN,

@@ -41,6 +41,7 @@ process it returns its argument unchanged.  Logits and ``n`` in the returned
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -54,7 +55,8 @@ from tqdm.auto import tqdm
 
 from bitlaws.eval.stats import FeatureStats
 
-__all__ = ["FeatureRun", "accumulate_features", "data_mesh", "merge_across_processes"]
+__all__ = ["FeatureRun", "accumulate_features", "allgather_float64", "data_mesh", "local_data_mesh",
+           "merge_across_processes"]
 
 DATA_AXIS = "data"
 
@@ -96,6 +98,18 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     """
     n = jax.device_count() if num_devices is None else int(num_devices)
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def local_data_mesh() -> Mesh:
+    """1-D ``'data'`` mesh (Auto type) over this process's devices only.
+
+    For work that each process does on its own (e.g. the shards of sample indices a process owns in
+    `bitlaws.sweep.released`): programs on it need no other process, so processes never wait for each other;
+    results are combined afterwards (`merge_across_processes`, `allgather_float64`). With one process it is
+    `data_mesh()`.
+    """
+    devices = jax.local_devices()
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def _local_data_shards(mesh: Mesh) -> int:
@@ -167,6 +181,7 @@ def _local_rows(array: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(by_start[s]) for s in sorted(by_start)], axis=0)
 
 
+@functools.lru_cache(maxsize=8)
 def _make_step(
     feature_fn: Callable[..., Any],
     logits_fn: Callable[[Any], Any] | None,
@@ -174,7 +189,11 @@ def _make_step(
     data_sharding: NamedSharding,
     replicated: NamedSharding,
 ) -> Callable[..., Any]:
-    """Builds the jitted, batch-sharded step returning (features, logits|None)."""
+    """Builds the jitted, batch-sharded step returning (features, logits|None).
+
+    Cached on its arguments, so repeated `accumulate_features` calls with the same function and mesh (one call
+    per shard of samples) reuse one compiled program.
+    """
 
     def split_outputs(out: Any) -> tuple[Any, Any]:
         if isinstance(out, (tuple, list)):
@@ -345,6 +364,25 @@ def _unpack(packed: dict[str, np.ndarray], dim: int) -> FeatureStats:
     out.sum_x = np.asarray(packed["sum_x"], np.uint32).view(np.float64).reshape(dim).copy()
     out.sum_xxT = np.asarray(packed["sum_xxT"], np.uint32).view(np.float64).reshape(dim, dim).copy()
     return out
+
+
+def allgather_float64(values: Any) -> np.ndarray:
+    """Every process's float64 `values` (the same shape on all), stacked in process order (collective).
+
+    Transported as uint32 bit patterns like `merge_across_processes`, so the values arrive bit-exactly even in
+    JAX's default float32 mode.
+
+    Args:
+      values: This process's array (any shape).
+
+    Returns:
+      ``[process_count, *values.shape]`` float64; with a single process ``values[None]``.
+    """
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values[None].copy()
+    gathered = np.asarray(multihost_utils.process_allgather(_f64_bits(values)), np.uint32)  # [P, 2 * size]
+    return gathered.view(np.float64).reshape((jax.process_count(),) + values.shape)
 
 
 def merge_across_processes(stats: FeatureStats) -> FeatureStats:

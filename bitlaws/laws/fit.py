@@ -57,9 +57,12 @@ def family_of(model: str) -> str:
     return model.split("-", 1)[0].lower()
 
 
+FAMILY_ORDER = {"var": 0, "dit": 1, "llamagen": 2, "mar": 3}
+
+
 def family_title(family: str) -> str:
-    """Display name: ``'var'`` → ``'VAR'``, ``'dit'`` → ``'DiT'``, others upper-cased."""
-    return {"var": "VAR", "dit": "DiT"}.get(family, family.upper())
+    """Display name: ``'var'`` → ``'VAR'``, ``'dit'`` → ``'DiT'``, ``'llamagen'`` → ``'LlamaGen'``, others upper-cased."""
+    return {"var": "VAR", "dit": "DiT", "llamagen": "LlamaGen", "mar": "MAR"}.get(family, family.upper())
 
 
 def series_label(setting: str, fmt: str, method: str) -> str:
@@ -206,9 +209,9 @@ def mean_over_seeds(cells: Sequence[Cell]) -> dict[tuple[str, str, str, str], fl
 
 
 def families_of(cells: Sequence[Cell]) -> list[str]:
-    """Families present, VAR first, then DiT, then the rest alphabetically."""
-    order = {"var": 0, "dit": 1}
-    return sorted({c.family for c in cells}, key=lambda f: (order.get(f, 2), f))
+    """Families present, VAR first, then DiT, LlamaGen, MAR, then the rest alphabetically."""
+    order = FAMILY_ORDER
+    return sorted({c.family for c in cells}, key=lambda f: (order.get(f, len(order)), f))
 
 
 def series_of(cells: Sequence[Cell], family: str) -> list[str]:

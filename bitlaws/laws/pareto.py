@@ -26,7 +26,11 @@ from bitlaws.laws.fit import (BASELINE_SETTING, Cell, LawFits, PowerLawFit, Rows
 from bitlaws.laws.uncertainty import UNRESOLVED, CurveDraws, MetricDraws, refit_family
 
 # Claim of the paper per family: True = "quantized curves lie lower-left of W16A16", False = "they do not".
-PAPER_CLAIMS: Mapping[str, bool] = {"var": True, "dit": False}
+# LlamaGen and MAR: the paper's appendix C.2 (Figure 17: LlamaGen "demonstrates exceptional bit-level scaling
+# laws", MAR "fails to exhibit superior bit-level scaling laws").
+PAPER_CLAIMS: Mapping[str, bool] = {"var": True, "dit": False, "llamagen": True, "mar": False}
+# Appendix C.2's pairing: a discrete autoregressive family should behave like VAR, a continuous one like DiT.
+COUNTERPARTS: Mapping[str, str] = {"llamagen": "var", "mar": "dit"}
 LOWER_LEFT_FRACTION = 2.0 / 3.0  # a series is lower-left when its curve is lower on ≥ 2/3 of the shared range
 UPPER_RIGHT_FRACTION = 1.0 / 3.0  # ... and upper-right when on ≤ 1/3
 RESOLVED_AGREEMENT = 0.95  # a position is resolved when at least this share of the draws gives it
@@ -367,3 +371,25 @@ def verdicts(rows: Union[RowsLike, Sequence[Cell]], fits: Optional[LawFits] = No
         comparisons = compare_to_baseline(family_fits, draws=refits)
         result[family] = family_verdict(family, comparisons, axis_name)
     return result
+
+
+def behaviour(verdict: Verdict) -> Optional[str]:
+    """Where a family's quantized curves lie, read from its verdict: ``'lower-left'`` (quantized better at equal
+    bits), ``'not lower-left'``, ``'mixed'``, or None when the verdict settles nothing (not resolved,
+    inconclusive, or a family without a claim)."""
+    if verdict.family not in PAPER_CLAIMS or verdict.verdict not in ("holds", "does not hold", "mixed"):
+        return None
+    if verdict.verdict == "mixed":
+        return "mixed"
+    lower_left = PAPER_CLAIMS[verdict.family] == (verdict.verdict == "holds")
+    return "lower-left" if lower_left else "not lower-left"
+
+
+def follows(verdict: Verdict, counterpart: Verdict) -> str:
+    """Whether `verdict`'s family behaves like its counterpart's (`COUNTERPARTS`): ``'follows'`` when both
+    behaviours are settled and equal, ``'does not follow'`` when settled and different, ``'not resolved'``
+    otherwise."""
+    mine, theirs = behaviour(verdict), behaviour(counterpart)
+    if mine is None or theirs is None:
+        return UNRESOLVED
+    return "follows" if mine == theirs else "does not follow"

@@ -15,8 +15,8 @@ from bitlaws.analysis.summary import ANALYSIS_DIR, SUMMARY_FILE, summary_lines
 from bitlaws.laws import pareto
 from bitlaws.laws.methods_report import method_tables
 from bitlaws.laws.qat_report import qat_section
-from bitlaws.laws.fit import (BASELINE_SETTING, BivariateFit, Cell, LawFits, PowerLawFit, RowsLike, as_rows,
-                              cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
+from bitlaws.laws.fit import (BASELINE_SETTING, FAMILY_ORDER, BivariateFit, Cell, LawFits, PowerLawFit, RowsLike,
+                              as_rows, cells_from_rows, families_of, family_title, fit_all, metric_label, metric_name,
                               series_of)
 from bitlaws.laws.results_file import read_results
 from bitlaws.laws.uncertainty import DEFAULT_DRAWS, MetricDraws, cell_interval, metric_draws, uncertainty_section
@@ -215,6 +215,30 @@ def _curve_table(comparisons: Sequence[pareto.SeriesComparison], axis_name: str)
                    f"{level} interval", "positions in the draws", "resolved"], rows)
 
 
+def _counterparts_lines(on_mt: Mapping[str, pareto.Verdict]) -> list[str]:
+    """Appendix C.2: does each autoregressive family behave like its counterpart (LlamaGen ~ VAR, MAR ~ DiT)?"""
+    pairs = [(f, c) for f, c in pareto.COUNTERPARTS.items() if f in on_mt]
+    if not pairs:
+        return []
+    lines = ["**Discrete or continuous (paper appendix C.2).** The paper pairs LlamaGen (discrete tokens, "
+             "autoregressive) with VAR and MAR (continuous tokens, autoregressive) with DiT: if discreteness is what "
+             "absorbs quantization error, each should behave like its partner. On MT, from the verdicts above:", ""]
+    for family, partner in pairs:
+        mine = pareto.behaviour(on_mt[family])
+        if partner not in on_mt:
+            lines.append(f"* {family_title(family)}: quantized curves {mine or 'not settled'}; no "
+                         f"{family_title(partner)} cells in these results to compare with.")
+            continue
+        theirs = pareto.behaviour(on_mt[partner])
+        result = pareto.follows(on_mt[family], on_mt[partner])
+        lines.append(f"* {family_title(family)}'s quantized curves: {mine or 'not settled'} "
+                     f"({on_mt[family].verdict}); {family_title(partner)}'s: {theirs or 'not settled'} "
+                     f"({on_mt[partner].verdict}) → **{family_title(family)} "
+                     f"{'is not resolved against' if result == pareto.UNRESOLVED else result} "
+                     f"{family_title(partner)}**.")
+    return lines + [""]
+
+
 def _verdict_section(cells: Sequence[Cell], fits: LawFits, draws: Optional[MetricDraws] = None) -> list[str]:
     lines = ["## Verdict on the paper's finding", "",
              f"The paper reports that VAR's quantized curves lie lower-left of its {BASELINE_SETTING} curve (at equal "
@@ -237,8 +261,9 @@ def _verdict_section(cells: Sequence[Cell], fits: LawFits, draws: Optional[Metri
                   "the draws.", ""]
     on_mt = pareto.verdicts(cells, fits, "mt_bits", draws=draws)
     on_ct = pareto.verdicts(cells, fits, "ct_bits", draws=draws)
-    order = {"var": 0, "dit": 1}
-    for family in sorted(set(pareto.PAPER_CLAIMS) | set(on_mt), key=lambda f: (order.get(f, 2), f)):
+    order = FAMILY_ORDER
+    shown = set(on_mt) | {"var", "dit"}  # the main claims are always mentioned; the appendix ones when present
+    for family in sorted(shown, key=lambda f: (order.get(f, len(order)), f)):
         if family not in on_mt:
             lines += [f"* **{family_title(family)}**: no cells in these results, so the paper's claim about "
                       f"{family_title(family)} could not be checked.", ""]
@@ -264,6 +289,7 @@ def _verdict_section(cells: Sequence[Cell], fits: LawFits, draws: Optional[Metri
         lines += [f"* **{family_title(family)}** — claim: {claim}. Result on MT: **{mt.verdict}** "
                   f"({mt.explanation}). On CT: {ct.verdict} ({ct.explanation}).{law_text} Per curve on MT:", ""]
         lines += (_curve_table(mt.comparisons, "MT") if mt.comparisons else ["No quantized curve."]) + [""]
+    lines += _counterparts_lines(on_mt)
     if draws is None:
         lines.append("These verdicts are computed from the fitted curves of this run; with few sizes per curve the "
                      "intervals above are wide, so treat a verdict whose curves mostly cross as weak evidence.")

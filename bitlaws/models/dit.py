@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.models import attention
 from bitlaws.models.common import layer_norm
 from bitlaws.quant.layers import QConv, QLinear
 
@@ -166,6 +167,7 @@ class Attention(nnx.Module):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.attention_impl = attention.DEFAULT  # `bitlaws.models.attention.set_attention` changes it
         self.qkv = QLinear(dim, 3 * dim, rngs=rngs)
         self.proj = QLinear(dim, dim, rngs=rngs)
 
@@ -175,9 +177,7 @@ class Attention(nnx.Module):
         head_dim = d // self.num_heads
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, N, H, hd]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)  # [B, H, N, N]
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, N, H, hd]
+        out = attention.attend(q, k, v, scale=head_dim**-0.5, impl=self.attention_impl)  # [B, N, H, hd]
         return self.proj(out.reshape(b, n, d))
 
 

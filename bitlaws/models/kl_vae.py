@@ -6,9 +6,10 @@ layer (`QConv` / `QLinear`).
 
 Architecture (``L`` = ``layers_per_block``, ``C_i`` = ``block_out_channels[i]``):
 
-* Encoder: ``conv_in`` 3x3 -> down blocks (``L`` resnets each; all but the last end with a zero pad
-  (0,1,0,1) + 3x3 stride-2 conv) -> mid block (resnet, attention, resnet) -> GroupNorm-SiLU-``conv_out``
-  to ``2 * latent_channels`` (mean and log-variance).
+* Encoder: ``conv_in`` 3x3 -> down blocks (``L`` resnets each, optionally each followed by attention
+  (``down_attention``); all but the last end with a zero pad (0,1,0,1) + 3x3 stride-2 conv) -> mid block
+  (resnet, attention, resnet) -> GroupNorm-SiLU-``conv_out`` to ``2 * latent_channels`` (mean and
+  log-variance). The SD VAE has no down-block attention; LDM/MAR's KL-16 has it at the lowest resolution.
 * ``quant_conv`` / ``post_quant_conv``: 1x1 convs on the moments / the latent.
 * Decoder: ``conv_in`` 3x3 -> mid block -> up blocks in reversed channel order (``L + 1`` resnets each;
   all but the last end with nearest x2 + 3x3 conv) -> GroupNorm-SiLU-``conv_out``.
@@ -133,20 +134,25 @@ class MidBlock(nnx.Module):
 
 
 class DownBlock(nnx.Module):
-    """``num_layers`` resnets, then (optionally) pad (0,1,0,1) + 3x3 stride-2 conv."""
+    """``num_layers`` resnets (each optionally followed by attention), then (optionally) pad (0,1,0,1) + 3x3
+    stride-2 conv."""
 
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int,
-                 add_downsample: bool, rngs: nnx.Rngs):
+                 add_downsample: bool, rngs: nnx.Rngs, add_attention: bool = False):
         self.resnets = nnx.List([
             ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups=groups, rngs=rngs)
             for j in range(num_layers)])
+        self.attentions = (nnx.List([AttentionBlock(out_channels, groups=groups, rngs=rngs)
+                                     for _ in range(num_layers)]) if add_attention else None)
         self.downsample = (QConv(out_channels, out_channels, 3, strides=2, padding=((0, 1), (0, 1)), rngs=rngs)
                            if add_downsample else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C_in] -> [B, H/2, W/2, C_out]`` (or ``[B, H, W, C_out]`` without downsampling)."""
-        for resnet in self.resnets:
+        for j, resnet in enumerate(self.resnets):
             x = resnet(x)
+            if self.attentions is not None:
+                x = self.attentions[j](x)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -176,13 +182,15 @@ class Encoder(nnx.Module):
     """Image ``[B, H, W, in]`` -> moments ``[B, H/f, W/f, 2 * latent]`` with f = 2^(levels - 1)."""
 
     def __init__(self, in_channels: int, latent_channels: int, block_out_channels: Sequence[int], *,
-                 layers_per_block: int, groups: int, mid_attention: bool, rngs: nnx.Rngs):
+                 layers_per_block: int, groups: int, mid_attention: bool, rngs: nnx.Rngs,
+                 down_attention: Sequence[bool] = ()):
         self.conv_in = QConv(in_channels, block_out_channels[0], 3, padding=1, rngs=rngs)
         blocks = []
         for i, out_channels in enumerate(block_out_channels):
             in_ch = block_out_channels[max(i - 1, 0)]
             blocks.append(DownBlock(in_ch, out_channels, num_layers=layers_per_block, groups=groups,
-                                    add_downsample=i < len(block_out_channels) - 1, rngs=rngs))
+                                    add_downsample=i < len(block_out_channels) - 1, rngs=rngs,
+                                    add_attention=bool(down_attention) and down_attention[i]))
         self.down_blocks = nnx.List(blocks)
         top = block_out_channels[-1]
         self.mid_block = MidBlock(top, groups=groups, add_attention=mid_attention, rngs=rngs)
@@ -258,6 +266,8 @@ class AutoencoderKL(nnx.Module):
         scaling_factor: Latent scale used by diffusion models (metadata only: `decode` does not apply it).
         use_quant_conv, use_post_quant_conv: Whether the 1x1 convs around the latent exist.
         mid_block_add_attention: Whether the mid blocks have their attention layer.
+        down_attention: Per encoder level, whether every resnet is followed by single-head attention (LDM's
+            ``attn_resolutions``, e.g. MAR's KL-16 at its lowest resolution); empty: none (the SD VAE).
         rngs: NNX RNG streams (``params``) for the (to be overwritten) initial weights.
         **config: Further diffusers config entries; ones that do not affect the network
             (``shift_factor``, ``latents_mean``, ``latents_std``, ``force_upcast``, ``_*``) are ignored,
@@ -271,7 +281,7 @@ class AutoencoderKL(nnx.Module):
                  act_fn: str = "silu", latent_channels: int = 4, norm_num_groups: int = 32,
                  sample_size: int = 256, scaling_factor: float = 0.18215, use_quant_conv: bool = True,
                  use_post_quant_conv: bool = True, mid_block_add_attention: bool = True,
-                 rngs: nnx.Rngs, **config: Any):
+                 down_attention: Sequence[bool] = (), rngs: nnx.Rngs, **config: Any):
         _check_config(down_block_types, up_block_types, block_out_channels, act_fn, config)
         block_out_channels = tuple(int(c) for c in block_out_channels)
         self.block_out_channels = block_out_channels
@@ -280,7 +290,11 @@ class AutoencoderKL(nnx.Module):
         self.scaling_factor = float(scaling_factor)
         common = dict(layers_per_block=layers_per_block, groups=norm_num_groups,
                       mid_attention=mid_block_add_attention, rngs=rngs)
-        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, **common)
+        if down_attention and len(down_attention) != len(block_out_channels):
+            raise ValueError(f"down_attention: needs one flag per level ({len(block_out_channels)}), "
+                             f"got {len(down_attention)}")
+        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, **common,
+                               down_attention=tuple(bool(a) for a in down_attention))
         self.decoder = Decoder(latent_channels, out_channels, block_out_channels, **common)
         moments = 2 * latent_channels
         self.quant_conv = (QConv(moments, moments, 1, padding="VALID", rngs=rngs)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.models import attention
 from bitlaws.models.common import layer_norm
 from bitlaws.quant.layers import QLinear
 
@@ -138,6 +139,7 @@ class SelfAttention(nnx.Module):
         self.attn_l2_norm = attn_l2_norm
         self.attn_drop_rate = attn_drop_rate
         self.proj_drop_rate = proj_drop_rate
+        self.attention_impl = attention.DEFAULT  # `bitlaws.models.attention.set_attention` changes it
         if attn_l2_norm:
             self.scale_mul_1H11 = nnx.Param(jnp.full((1, num_heads, 1, 1), math.log(4.0), jnp.float32))
         self.mat_qkv = QLinear(embed_dim, 3 * embed_dim, use_bias=False, rngs=rngs)
@@ -188,15 +190,18 @@ class SelfAttention(nnx.Module):
             offset, valid = cache_at
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, offset, axis=1)  # [B, capacity, H, hd]
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, offset, axis=1)
-            visible = jnp.arange(k.shape[1]) < offset + valid  # [capacity]
-            mask = jnp.where(visible, jnp.float32(0.0), jnp.float32(-jnp.inf))[None, :]
-            attn_bias = mask if attn_bias is None else attn_bias + mask
-        scores = jnp.einsum("blhd,bmhd->bhlm", q * self.softmax_scale, k)  # [B, H, l, l_total]
-        if attn_bias is not None:
-            scores = scores + attn_bias
+        mask = None if attn_bias is None else jnp.asarray(attn_bias) == 0  # [l, l_total] True: may attend
+        if cache is not None:
+            visible = (jnp.arange(k.shape[1]) < offset + valid)[None, :]  # [1, capacity]
+            mask = visible if mask is None else mask & visible
         attn_key, proj_key = _split(key, 2)
-        probs = dropout(jax.nn.softmax(scores, axis=-1), self.attn_drop_rate, attn_key)
-        out = jnp.einsum("bhlm,bmhd->blhd", probs, v).reshape(b, l, c)  # [B, l, C]
+        if attn_key is not None and self.attn_drop_rate > 0:
+            probs = attention.attention_probs(q, k, scale=self.softmax_scale, mask=mask)  # [B, H, l, l_total]
+            probs = dropout(probs, self.attn_drop_rate, attn_key)
+            out = jnp.einsum("bhlm,bmhd->blhd", probs, v)
+        else:
+            out = attention.attend(q, k, v, scale=self.softmax_scale, mask=mask, impl=self.attention_impl)
+        out = out.reshape(b, l, c)  # [B, l, C]
         return dropout(self.proj(out), self.proj_drop_rate, proj_key), (k, v)
 
 

@@ -11,6 +11,10 @@ kind        official file                             constructor from
 ``dit``     ``DiT-XL-2-256x256.pt``                  ``configs/models/dit_*.py`` (``config.model``)
 ``vae``     sd-vae-ft-ema ``diffusion_pytorch_model`` ``configs/models/sd_vae_ft_ema.py`` (default)
 ``inception`` ``pt_inception-2015-12-05-6726825d.pth`` none
+``llamagen`` ``c2i_B_256.pt`` … ``c2i_3B_384.pt``        ``configs/models/llamagen_gpt.py:VARIANT`` (``config.gpt``)
+``llamagen_vq`` ``vq_ds16_c2i.pt``                      ``configs/models/llamagen_vq16.py`` (default)
+``mar``     MAR ``checkpoint-last.pth`` (``model_ema``) ``configs/models/mar.py:VARIANT`` (``config.model``)
+``mar_vae`` MAR ``kl16.ckpt`` (``model``)                ``configs/models/mar_vae_kl16.py`` (default)
 =========== ======================================== ============================================
 
 The output folder must be new, empty, or (with ``force``) hold an earlier port, which is replaced; any other
@@ -39,6 +43,8 @@ from flax import nnx
 from bitlaws import checkpoint, configlib
 from bitlaws.port import mapping
 from bitlaws.port.reader import read_state_dict
+from bitlaws.port.tables import llamagen as llamagen_table, llamagen_vq as llamagen_vq_table
+from bitlaws.port.tables import mar as mar_table, mar_vae as mar_vae_table
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -76,6 +82,8 @@ class Kind:
         default_config: Config used when the user gives none (None: a config is required).
         sections: Config sections `ctor_from_config` reads (``("var", "vqvae")``).
         model_class: ``() -> the model class`` whose constructor the ctor must fit (None: not checked).
+        default_key: Sub-dict read from a nested checkpoint when no key is given (e.g. MAR's ``model_ema``); a
+            checkpoint without it is read as if no key were given.
     """
 
     ctor_from_config: Callable[[Optional[ml_collections.ConfigDict]], dict]
@@ -84,6 +92,7 @@ class Kind:
     default_config: Optional[str] = None
     sections: tuple[str, ...] = ()
     model_class: Optional[Callable[[], type]] = None
+    default_key: Optional[str] = None
 
 
 def _var_ctor(config):
@@ -185,7 +194,17 @@ KINDS: dict[str, Kind] = {
     "dit": Kind(lambda c: model_ctor(c.model), _port_dit, _build_dit, sections=("model",), model_class=_dit_class),
     "vae": Kind(lambda c: model_ctor(c.model), _port_vae, _build_vae, str(REPO_CONFIGS / "sd_vae_ft_ema.py"),
                 sections=("model",), model_class=_vae_class),
+    "llamagen": Kind(llamagen_table.ctor_from_config, llamagen_table.port_kind, llamagen_table.build, "",
+                     sections=("gpt",), model_class=llamagen_table.model_class, default_key="model"),
+    "llamagen_vq": Kind(llamagen_vq_table.ctor_from_config, llamagen_vq_table.port_kind, llamagen_vq_table.build,
+                        str(REPO_CONFIGS / "llamagen_vq16.py"), sections=("vq",),
+                        model_class=llamagen_vq_table.model_class, default_key="model"),
     "inception": Kind(lambda c: {}, _port_inception, _build_inception, ""),
+    "mar": Kind(lambda c: model_ctor(c.model), mar_table.port_kind, mar_table.build, sections=("model",),
+                model_class=mar_table.model_class, default_key=mar_table.DEFAULT_KEY),
+    "mar_vae": Kind(lambda c: model_ctor(c.model), mar_vae_table.port_kind, mar_vae_table.build,
+                    str(REPO_CONFIGS / "mar_vae_kl16.py"), sections=("model",), model_class=mar_vae_table.model_class,
+                    default_key=mar_vae_table.DEFAULT_KEY),
 }
 
 
@@ -282,7 +301,7 @@ def convert(kind: str, ckpt: Union[str, pathlib.Path], out: Union[str, pathlib.P
         ckpt: The official weight file (``.pth/.pt/.bin``, ``.safetensors`` or ``.npz``).
         out: Output directory: new, empty, or holding an earlier port (replaced only with `force`).
         config: ``file.py[:arg]`` giving the constructor (required for var/vqvae/dit).
-        key: Sub-dict of a nested checkpoint (e.g. ``ema`` or ``model``).
+        key: Sub-dict of a nested checkpoint (e.g. ``ema`` or ``model``); default: the kind's ``default_key``.
         force: Replace an earlier port in `out` (a non-empty folder holding no port is always refused).
 
     Returns:
@@ -306,7 +325,14 @@ def convert(kind: str, ckpt: Union[str, pathlib.Path], out: Union[str, pathlib.P
     if not path.is_file():
         what = "is a folder, not a weight file" if path.is_dir() else "not found"
         raise FileNotFoundError(f"checkpoint {str(path)!r} {what}")
-    plan = port_plan(kind, read_state_dict(path, key=key, lazy=True), ctor)
+    if key is None and spec.default_key is not None:
+        try:
+            state_dict, key = read_state_dict(path, key=spec.default_key, lazy=True), spec.default_key
+        except (KeyError, ValueError):  # no such sub-dict: read it as given (flat, or name the keys to choose)
+            state_dict = read_state_dict(path, lazy=True)
+    else:
+        state_dict = read_state_dict(path, key=key, lazy=True)
+    plan = port_plan(kind, state_dict, ctor)
     metadata = dict(kind=kind, ctor=ctor, source=dict(file=path.name, sha256=_sha256(path), key=key),
                     config=config_spec or None)
     return checkpoint.save_deferred_state(plan.deferred_state(), out, metadata)

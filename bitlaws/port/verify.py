@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 DEFAULT_TOL = 1e-4
-KNOWN_FIXTURES = ("vqvae", "var", "dit", "sdvae", "fid")
+KNOWN_FIXTURES = ("vqvae", "var", "dit", "sdvae", "fid", "llamagen_vq", "llamagen_gpt", "llamagen_gpt_gqa", "mar_vae",
+                  "mar")
 
 
 @dataclasses.dataclass(frozen=True)

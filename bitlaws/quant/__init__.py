@@ -19,7 +19,8 @@ from bitlaws.quant.seam import ActStats, LayerQuant, qconv, qdot, register_backe
 from bitlaws.quant.spec import QuantRule, QuantSpec
 from bitlaws.quant.transform import (MethodRun, UnusedRuleWarning, apply_method, bake_fake_weights,
                                      calibration_stats, check_rules, match_rules, materialize_result, quantize_model,
-                                     run_calibration, run_method, with_mode)
+                                     run_calibration, run_method, set_compute_dtype,
+                                     with_mode)
 
 __all__ = [
     "ActStats", "BitReport", "CalibrationData", "FpFormat", "IntFormat", "LayerQuant", "LutFormat",
@@ -30,5 +31,5 @@ __all__ = [
     "calibration_stats", "check_rules", "dequantize", "fake_quant", "format_names", "get_method", "match_rules",
     "materialize_result", "method_names", "parse_format", "qarray_nbytes", "qconv", "qdot", "quantize", "quantize_model",
     "register_backend", "register_calibrator", "register_format", "register_method", "register_weight_method",
-    "run_calibration", "run_method", "with_mode",
+    "run_calibration", "run_method", "set_compute_dtype", "with_mode",
 ]

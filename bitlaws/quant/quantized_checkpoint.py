@@ -79,15 +79,19 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------ JSON codecs
 # Formats, specs and rules: `bitlaws.quant.spec`; here the layer and packed-weight records.
 def layer_quant_to_json(quant: LayerQuant) -> dict[str, Any]:
-    return {"mode": quant.mode, "weight": None if quant.weight is None else spec_to_json(quant.weight),
+    data = {"mode": quant.mode, "weight": None if quant.weight is None else spec_to_json(quant.weight),
             "act": None if quant.act is None else spec_to_json(quant.act), "backend": quant.backend,
             "record_hessian": quant.record_hessian}
+    if quant.compute_dtype is not None:
+        data["compute_dtype"] = quant.compute_dtype
+    return data
 
 
 def layer_quant_from_json(data: Mapping[str, Any], formats_table: Optional[Mapping[str, Any]] = None) -> LayerQuant:
     return LayerQuant(mode=data["mode"], weight=optional_spec_from_json(data.get("weight"), formats_table),
                       act=optional_spec_from_json(data.get("act"), formats_table), backend=data.get("backend", "xla"),
-                      record_hessian=bool(data.get("record_hessian", False)))
+                      record_hessian=bool(data.get("record_hessian", False)),
+                      compute_dtype=data.get("compute_dtype"))
 
 
 def _array_to_json(a) -> Optional[dict[str, Any]]:

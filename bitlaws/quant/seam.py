@@ -35,6 +35,7 @@ from bitlaws.quant.qarray import PackedArray
 from bitlaws.quant.spec import QuantSpec
 
 MODES = ("fp", "calibrate", "fake", "packed")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,11 @@ class LayerQuant:
         act: Input-activation spec, or None to keep activations in float.
         backend: Matmul backend name for ``packed`` mode (see `register_backend`).
         record_hessian: In ``calibrate`` mode, also accumulate ``X^T X`` (for GPTQ-style methods).
+        compute_dtype: Operand dtype of the float matmul / convolution (``"bfloat16"``, ``"float16"``,
+            ``"float32"``), accumulated in float32 and returned in the input's dtype; None: the input's dtype.
+            Applies to float and fake-quant layers (after the fake quantization, so the quantized grid is
+            exact first); packed layers run their backend's kernels. Set for a whole model with
+            `bitlaws.quant.transform.set_compute_dtype`.
     """
 
     mode: str = "fp"
@@ -54,10 +60,14 @@ class LayerQuant:
     act: Optional[QuantSpec] = None
     backend: str = "xla"
     record_hessian: bool = False
+    compute_dtype: Optional[str] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"LayerQuant.mode must be one of {MODES}, got {self.mode!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"LayerQuant.compute_dtype must be one of {COMPUTE_DTYPES} or None, "
+                             f"got {self.compute_dtype!r}")
         if self.mode == "packed" and self.weight is None:
             raise ValueError("LayerQuant.mode='packed' needs a weight spec")
 
@@ -71,6 +81,14 @@ class LayerQuant:
 
 
 FP = LayerQuant()
+
+
+def _float_operands(x: jax.Array, kernel: jax.Array, quant: LayerQuant) -> tuple[jax.Array, jax.Array, dict]:
+    """``(x, kernel, extra dot/conv kwargs)`` in the layer's compute dtype (see `LayerQuant.compute_dtype`)."""
+    if quant.compute_dtype is None:
+        return x, kernel.astype(x.dtype), {}
+    dtype = jnp.dtype(quant.compute_dtype)
+    return x.astype(dtype), kernel.astype(dtype), {"preferred_element_type": jnp.float32}
 
 
 @jax.tree_util.register_dataclass
@@ -270,7 +288,8 @@ def qdot(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant 
         x = quantize_activation(x, quant, act_params)
         if quant.quantizes_weights:
             kernel = qarray.fake_quant(kernel, quant.weight)
-        y = jnp.dot(x, kernel.astype(x.dtype))
+        lhs, rhs, extra = _float_operands(x, kernel, quant)
+        y = jnp.dot(lhs, rhs, **extra).astype(x.dtype)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
@@ -316,10 +335,11 @@ def qconv(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant
     x = quantize_activation(x, quant, act_params)
     if quant.quantizes_weights:
         kernel = qarray.fake_quant(kernel, quant.weight)
+    lhs, rhs, extra = _float_operands(x, kernel, quant)
     y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=tuple(strides), padding=padding,
+        lhs, rhs, window_strides=tuple(strides), padding=padding,
         rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=feature_group_count)
+        feature_group_count=feature_group_count, **extra).astype(x.dtype)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y

@@ -476,3 +476,24 @@ def bake_fake_weights(model: nnx.Module) -> nnx.Module:
             layer.kernel.set_value(qarray.dequantize(rtn(kernel, quant.weight), kernel.dtype))
             layer.quant = seam.FP if quant.act is None else dataclasses.replace(quant, weight=None)
     return new_model
+
+
+def set_compute_dtype(model: nnx.Module, dtype: Optional[str]) -> int:
+    """Runs every float / fake-quant matmul and convolution of `model` with `dtype` operands (in place).
+
+    ``"bfloat16"`` is the usual choice on GPUs and TPUs (float32 accumulation, outputs in the input's dtype,
+    `seam.LayerQuant.compute_dtype`); None returns to the input's dtype. Call it after `quantize_model`, which
+    sets each layer's quantization afresh. Packed layers keep their backend's kernels.
+
+    Returns:
+        How many layers were set.
+
+    Raises:
+        ValueError: an unknown `dtype` (one line, naming the choices).
+    """
+    if dtype is not None and dtype not in seam.COMPUTE_DTYPES:
+        raise ValueError(f"set_compute_dtype: dtype must be one of {seam.COMPUTE_DTYPES} or None, got {dtype!r}")
+    layers = quant_layers(model)
+    for _, layer in layers:
+        layer.quant = dataclasses.replace(layer.quant, compute_dtype=dtype)
+    return len(layers)

@@ -1,5 +1,8 @@
 """Gaussian diffusion sampling for DiT (DDPM ancestral and DDIM), matching the official DiT `diffusion/` code.
 
+MAR's diffusion head uses the same code with the ``cosine`` beta schedule and a ``temperature`` on the per-step
+noise of `GaussianDiffusion.p_sample`; both are here (defaults keep DiT's results unchanged).
+
 Schedules live in float64 numpy (as upstream keeps them); each step gathers its coefficients and casts them to
 float32 (upstream `_extract_into_tensor`) before they touch the float32 sample. Arrays are channel-last:
 samples ``[B, ..., C]`` (NHWC latents), model outputs ``[B, ..., 2C]`` with learned sigma.
@@ -18,6 +21,7 @@ become constants of the cached program (pass them through ``model_kwargs`` inste
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -54,6 +58,41 @@ def linear_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
     """Linear betas from 1e-4 to 0.02 (scaled by ``1000 / num_timesteps``): ``[T]`` float64."""
     scale = 1000 / num_timesteps
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def betas_for_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+                        ) -> np.ndarray:
+    """Betas discretising a cumulative-alpha curve: ``min(1 - abar((i+1)/T) / abar(i/T), max_beta)``.
+
+    Evaluated in Python float64, one beta per step, as upstream (improved-diffusion) does.
+
+    Args:
+        num_timesteps: T.
+        alpha_bar: ``t in [0, 1] -> `` cumulative product of ``1 - beta`` up to t.
+        max_beta: Upper clip of each beta (avoids the singularity at t = 1).
+
+    Returns:
+        ``[T]`` float64.
+    """
+    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+             for i in range(num_timesteps)]
+    return np.array(betas, dtype=np.float64)
+
+
+def cosine_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
+    """The cosine schedule (Nichol & Dhariwal 2021) used by MAR: ``abar(t) = cos((t + 0.008) / 1.008 * pi/2)^2``.
+
+    Returns:
+        ``[T]`` float64 betas, clipped at 0.999 (the last one is).
+    """
+    return betas_for_alpha_bar(num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+
+
+BETA_SCHEDULES: dict[str, Callable[[int], np.ndarray]] = {
+    "linear": linear_beta_schedule,
+    "cosine": cosine_beta_schedule,
+}
+"""Named beta schedules of `create_diffusion` (upstream `get_named_beta_schedule`)."""
 
 
 def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> set[int]:
@@ -244,12 +283,16 @@ class GaussianDiffusion:
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     def p_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, noise: jax.Array, *,
-                 clip_denoised: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None
-                 ) -> dict[str, jax.Array]:
-        """One DDPM ancestral step; returns ``sample`` and ``pred_xstart`` (``[B, ..., C]`` float32)."""
+                 clip_denoised: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None,
+                 temperature: Union[float, jax.Array] = 1.0) -> dict[str, jax.Array]:
+        """One DDPM ancestral step; returns ``sample`` and ``pred_xstart`` (``[B, ..., C]`` float32).
+
+        `temperature` scales the step's noise only (MAR's ``p_sample``): ``mean + sigma * noise * temperature``;
+        1.0 gives DiT's step bit for bit. The noise is multiplied by 0 at ``t == 0`` (but still drawn upstream).
+        """
         out = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         nonzero = (t != 0).astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
-        sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+        sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise * temperature
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, noise: jax.Array, *,
@@ -352,11 +395,11 @@ class GaussianDiffusion:
 def create_diffusion(timestep_respacing: Union[str, Sequence[int], None], *, noise_schedule: str = "linear",
                      sigma_small: bool = False, predict_xstart: bool = False, learn_sigma: bool = True,
                      diffusion_steps: int = 1000) -> GaussianDiffusion:
-    """The DiT diffusion (upstream `create_diffusion` defaults: linear betas, learned-range sigma, eps).
+    """The DiT/MAR diffusion (upstream `create_diffusion` defaults: linear betas, learned-range sigma, eps).
 
     Args:
         timestep_respacing: ``"250"``, ``"ddim50"``, ... ; None or ``""`` keeps all `diffusion_steps`.
-        noise_schedule: Only ``"linear"``.
+        noise_schedule: ``"linear"`` (DiT) or ``"cosine"`` (MAR), see `BETA_SCHEDULES`.
         sigma_small: Fixed small instead of fixed large variance (when not `learn_sigma`).
         predict_xstart: The model predicts x0 instead of eps.
         learn_sigma: Learned-range variance from the model's second C channels.
@@ -365,9 +408,9 @@ def create_diffusion(timestep_respacing: Union[str, Sequence[int], None], *, noi
     Returns:
         The respaced `GaussianDiffusion`.
     """
-    if noise_schedule != "linear":
-        raise ValueError(f"unsupported noise schedule {noise_schedule!r} (only 'linear')")
-    betas = linear_beta_schedule(diffusion_steps)
+    if noise_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"noise_schedule: unsupported {noise_schedule!r} (choose one of {sorted(BETA_SCHEDULES)})")
+    betas = BETA_SCHEDULES[noise_schedule](diffusion_steps)
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
     new_betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))

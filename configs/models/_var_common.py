@@ -38,7 +38,13 @@ def sampling_config() -> ml_collections.ConfigDict:
     """The FID/IS evaluation protocol of the release (50k samples, 50 per class)."""
     return ml_collections.ConfigDict(dict(
         cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, num_samples=50_000, samples_per_class=50,
-        image_res=256))
+        image_res=256,
+        # Which kernels run attention (`bitlaws.models.attention`): "xla" (written out, the parity-checked
+        # default), "dot_product_attention" (JAX's fused path where the backend has one) or "cudnn".
+        attention="xla",
+        # Operand dtype of the transformer's matmuls (`bitlaws.quant.transform.set_compute_dtype`): "bfloat16"
+        # on GPUs/TPUs (float32 accumulation), "float32" for parity.
+        compute_dtype="float32"))
 
 
 def var_config(depth: int) -> ml_collections.ConfigDict:

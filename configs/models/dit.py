@@ -65,6 +65,8 @@ def get_config(variant: str = "xl2") -> ml_collections.ConfigDict:
         clip_denoised=False,
         num_fid_samples=50_000,
         global_seed=0,
+        attention="xla",  # or "dot_product_attention" / "cudnn" (`bitlaws.models.attention`)
+        compute_dtype="float32",  # "bfloat16" on GPUs/TPUs (`bitlaws.quant.transform.set_compute_dtype`)
     ))
 
     config.vae = ml_collections.ConfigDict(dict(

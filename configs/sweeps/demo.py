@@ -5,6 +5,7 @@ Usage::
     bitlaws sweep --config configs/sweeps/demo.py --out runs/demo          # the full grid (make demo)
     bitlaws sweep --config configs/sweeps/demo.py:quick --out runs/quick   # two sizes per family, 3 settings
     bitlaws sweep --config configs/sweeps/demo.py:quick,seeds=4 --out runs/quick4   # every cell with seeds 0-3
+    bitlaws sweep --config configs/sweeps/demo.py:four --out runs/four      # + LlamaGen and MAR (paper app. C.2)
 
 Each cell draws ``demo.n_per_class`` samples per digit and scores them with the DFD (the Fréchet distance in
 the digits classifier's features: the demo's FID analogue) against the statistics of all 1797 digits, with a
@@ -28,7 +29,7 @@ def _spread(names, count):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, allowed=("quick", "n_per_class", "seeds"))
+    args = parse_arg(arg, allowed=("quick", "four", "n_per_class", "seeds"))
     seeds = args.get("seeds", 1)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"demo config: seeds must be a positive integer (seeds per cell), got {seeds!r}")
@@ -37,9 +38,20 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.evaluator = "demo"
     config.evaluator_module = "bitlaws.demo.evaluate"
+    if quick and args.get("four"):
+        raise ValueError("demo config: choose one of quick and four")
     if quick:
         config.models = _spread(var_members, 2) + _spread(dit_members, 2)
         config.settings = ("W16A16", "W4A16", "W8A8")
+        config.formats = ("int",)
+    elif args.get("four"):
+        # The four families side by side (paper appendix C.2: discrete LlamaGen vs VAR, continuous MAR vs DiT),
+        # integer formats only to stay within ~20 minutes on 2 cores.
+        from bitlaws.demo import llamagen_family, mar_family  # pylint: disable=g-import-not-at-top
+
+        config.models = (tuple(var_members) + tuple(dit_members) + tuple(llamagen_family.member_names())
+                         + tuple(mar_family.member_names()))
+        config.settings = ("W16A16", "W8A16", "W4A16", "W3A16", "W8A8", "W4A8")
         config.formats = ("int",)
     else:
         config.models = tuple(var_members) + tuple(dit_members)

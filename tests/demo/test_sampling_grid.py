@@ -17,4 +17,4 @@ def test_top_p_is_rejected_for_dit_and_unknown_family():
     with pytest.raises(ValueError, match="top_p"):
         sampling_grid._with_setting(member, 1.5, 0.9)  # pylint: disable=protected-access
     with pytest.raises(ValueError, match="unknown demo family"):
-        family.member_names("llamagen")
+        family.member_names("nosuchfamily")

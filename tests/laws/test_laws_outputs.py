@@ -231,3 +231,14 @@ def test_report_shows_intervals_and_paired_differences(tmp_path):
         assert pair.verdict == computed[key].verdict
         assert pair.interval.lo == pytest.approx(computed[key].interval.lo, rel=1e-6, abs=1e-9)
         assert pair.interval.hi == pytest.approx(computed[key].interval.hi, rel=1e-6, abs=1e-9)
+
+
+def test_report_says_whether_llamagen_follows_var_and_mar_follows_dit(tmp_path):
+    from test_laws_pareto import _rows  # pylint: disable=g-import-not-at-top  (tests/laws is on sys.path)
+
+    rows = (_rows("var", {"W8A16": 0.8, "W4A16": 0.7}) + _rows("llamagen", {"W8A16": 1.3, "W4A16": 1.6})
+            + _rows("dit", {"W8A16": 1.2, "W4A16": 1.5}) + _rows("mar", {"W8A16": 1.25, "W4A16": 1.4}))
+    text = report.write_report(rows, tmp_path, n_boot=0).read_text()
+    assert "Discrete or continuous (paper appendix C.2)" in text
+    assert "**LlamaGen does not follow VAR**" in text and "**MAR follows DiT**" in text
+    assert "* **LlamaGen** — claim: LlamaGen's quantized curves lie lower-left" in text

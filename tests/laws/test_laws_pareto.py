@@ -97,3 +97,19 @@ def test_fitted_budget_choice_does_not_extrapolate():
     assert row.fitted.x_bits == pytest.approx(largest_w4)
     (small,) = pareto.best_under_budget(rows, "var", [16 * SIZES[0] * 0.99], "mt_bits", fits)
     assert small.fitted.series == "W4A16-int" and small.observed.series == "W4A16-int"
+
+
+def test_appendix_pairs_follow_or_not_from_the_data():
+    rows = (_rows("var", {"W8A16": 0.8, "W4A16": 0.7}) + _rows("llamagen", {"W8A16": 0.85, "W4A16": 0.75})
+            + _rows("dit", {"W8A16": 1.2, "W4A16": 1.5}) + _rows("mar", {"W8A16": 0.8, "W4A16": 0.7}))
+    verdicts = pareto.verdicts(rows, fit.fit_all(rows, n_boot=0), "mt_bits")
+    assert verdicts["llamagen"].verdict == "holds" and pareto.behaviour(verdicts["llamagen"]) == "lower-left"
+    assert verdicts["mar"].verdict == "does not hold" and pareto.behaviour(verdicts["mar"]) == "lower-left"
+    assert pareto.behaviour(verdicts["dit"]) == "not lower-left"
+    assert pareto.follows(verdicts["llamagen"], verdicts["var"]) == "follows"
+    assert pareto.follows(verdicts["mar"], verdicts["dit"]) == "does not follow"
+    mixed = pareto.verdicts(_rows("var", {"W8A16": 0.8, "W4A16": 1.3}), fit.fit_all(
+        _rows("var", {"W8A16": 0.8, "W4A16": 1.3}), n_boot=0), "mt_bits")["var"]
+    assert pareto.follows(verdicts["llamagen"], mixed) == "does not follow"  # lower-left vs mixed
+    inconclusive = pareto.Verdict("var", "claim", float("nan"), "inconclusive", (), "nothing compared")
+    assert pareto.follows(verdicts["llamagen"], inconclusive) == "not resolved"

@@ -105,3 +105,7 @@ def test_port_errors_are_clear(tmp_path, capsys, manifest):
     assert cli.main(["port", "dit", "--ckpt", str(tmp_path / "nope.pth"), "--config", config,
                      "--out", str(tmp_path / "o")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_the_command_line_offers_every_kind():
+    assert set(cli.PORT_KINDS) == set(convert.KINDS)

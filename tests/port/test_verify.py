@@ -23,10 +23,10 @@ def _folder(tmp_path, extra_fixtures=None):
 
 
 def test_passes_and_skips_unknown_fixtures(tmp_path, capsys):
-    folder = _folder(tmp_path, {"mar": {"ctor": {"cls": "models.mar.MAR"}}})
+    folder = _folder(tmp_path, {"future_model": {"ctor": {"cls": "models.future.Model"}}})
     assert verify.main([str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "skip mar" in out and "ok   sdvae/decoded" in out and "5 passed, 0 failed" in out
+    assert "skip future_model" in out and "ok   sdvae/decoded" in out and "5 passed, 0 failed" in out
 
 
 def test_fails_on_a_perturbed_reference(tmp_path, capsys):
@@ -45,7 +45,7 @@ def test_compare_integers_exactly():
 
 
 def test_nothing_checked_is_an_error(tmp_path, capsys):
-    folder = _folder(tmp_path, {"mar": {"ctor": {"cls": "models.mar.MAR"}}})
+    folder = _folder(tmp_path, {"future_model": {"ctor": {"cls": "models.future.Model"}}})
     manifest = json.loads((folder / "manifest.json").read_text())
     assert verify.main([str(folder), "--only", "var", "dit"]) == 2  # the manifest lists neither
     err = capsys.readouterr().err
@@ -54,7 +54,7 @@ def test_nothing_checked_is_an_error(tmp_path, capsys):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert verify.main([str(folder)]) == 2  # only a fixture this version has no check for
     captured = capsys.readouterr()
-    assert "skip mar" in captured.out and "nothing was checked" in captured.err and "passed" not in captured.out
+    assert "skip future_model" in captured.out and "nothing was checked" in captured.err and "passed" not in captured.out
 
 
 def test_unreadable_manifest_and_missing_folder(tmp_path, capsys):

@@ -9,9 +9,10 @@ Two checkpoint conventions exist for the same network:
   ``decoder.up_blocks.{i}`` (lowest resolution first), ``decoder.up_blocks.{i}.upsamplers.0.conv``.
 * CompVis ldm / original Stable Diffusion (``first_stage_model.`` stripped):
   ``encoder.down.{i}.block.{j}.norm1.weight``, ``nin_shortcut``, ``encoder.down.{i}.downsample.conv``,
-  ``encoder.mid.block_1`` / ``attn_1`` / ``block_2``, attention ``norm`` / ``q`` / ``k`` / ``v`` /
-  ``proj_out`` as 1x1 convs (4-D weights), ``encoder.norm_out``, and ``decoder.up.{i}`` stored
-  highest resolution first, i.e. ``decoder.up.{i}`` is diffusers' ``up_blocks.{levels - 1 - i}``.
+  ``encoder.mid.block_1`` / ``attn_1`` / ``block_2``, ``encoder.down.{i}.attn.{j}`` (LDM/MAR KL-16 only),
+  attention ``norm`` / ``q`` / ``k`` / ``v`` / ``proj_out`` as 1x1 convs (4-D weights), ``encoder.norm_out``,
+  and ``decoder.up.{i}`` stored highest resolution first, i.e. ``decoder.up.{i}`` is diffusers'
+  ``up_blocks.{levels - 1 - i}``.
 
 Because of that reversal the original-SD table depends on the number of resolution levels:
 `original_sd_table(levels)`; `ORIGINAL_SD_TABLE` is the one for the 4-level SD VAE.
@@ -126,6 +127,7 @@ def original_sd_table(levels: int) -> list[KeyMap]:
     rows = _shared_rows()
     rows += _resnet("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}", "nin_shortcut")
     rows += _conv_rows("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsample")
+    rows += _attention("encoder.down.{i}.attn.{j}", "encoder.down_blocks.{i}.attentions.{j}", _LDM_ATTENTION)
     for ldm_index in range(levels):
         ours = levels - 1 - ldm_index
         rows += _resnet(f"decoder.up.{ldm_index}.block.{{j}}", f"decoder.up_blocks.{ours}.resnets.{{j}}",
