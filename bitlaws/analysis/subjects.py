@@ -2,7 +2,8 @@
 
 A `Subject` is a shipped demo member (``var-d4``, ``dit-d4``; `demo_subject`) or a ported release checkpoint
 (`ported_var` / `ported_dit`, folders written by ``bitlaws port``, sampled with the paper's protocol from the
-model config). It knows how to sample step by step (`Subject.trajectory`), where noise goes
+model config; `ported_llamagen` / `ported_mar` are sampling-only subjects for the released-model study, without
+step-by-step trajectories). It knows how to sample step by step (`Subject.trajectory`), where noise goes
 (`Subject.noise`), which layers are fc1 / qkv / fc2 of a block (`Subject.layer_path`), and how to quantize its
 network with the library's rules and methods (`quantized`).
 """
@@ -260,6 +261,68 @@ def ported_dit(dit_dir: str, vae_dir: str, sampling: Optional[dict] = None) -> S
                                       decode=lambda z: decode(vae, z))
     return _dit_subject(f"ported {dit_dir}", model, protocol, quant_pattern=QUANT_PATTERN, calibration=None,
                         source=f"ported DiT {dit_dir} with VAE {vae_dir}", record=dict(sampling), decoder=vae)
+
+
+LLAMAGEN_PROTOCOL = {"cfg_scale": 2.0, "cfg_interval": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                     "image_size_eval": 0}
+"""LlamaGen's ``sample_c2i_ddp.py`` defaults with GPT-B/L's cfg (``configs/models/llamagen_gpt.py`` stores each
+variant's cfg and ``image_size_eval`` 256), used when a port's config has none; ``image_size_eval`` 0: no resize."""
+MAR_PROTOCOL = {"num_iter": 256, "num_sampling_steps": "100", "cfg": 2.9, "cfg_schedule": "linear",
+                "temperature": 1.0}
+"""MAR's README evaluation command with MAR-B's cfg (``configs/models/mar.py`` stores each variant's), used when a
+port's config has none."""
+
+
+def _sampling_only(name: str, family: str, model: nnx.Module, decoder: nnx.Module, protocol: dict,
+                   quant_pattern: str, source: str) -> Subject:
+    """A `Subject` the released study samples (`bitlaws.sweep.released_sampling`); no trajectory analyses."""
+
+    def unsupported(*args, **kwargs):
+        del args, kwargs
+        raise ValueError(f"step-by-step trajectories are implemented for VAR and DiT subjects, not {family}")
+
+    return Subject(name=name, family=family, model=model, quant_pattern=quant_pattern,
+                   num_classes=int(model.num_classes), run=unsupported, step_names=(), rows=(), noise_fn=unsupported,
+                   calibration=None, source=source, protocol=dict(protocol), decoder=decoder)
+
+
+def ported_llamagen(gpt_dir: str, vq_dir: str, sampling: Optional[dict] = None) -> Subject:
+    """A ported LlamaGen GPT (``bitlaws port llamagen``) with its ported VQ tokenizer (``bitlaws port llamagen_vq``).
+
+    Args:
+        gpt_dir, vq_dir: The two ``bitlaws port`` output folders.
+        sampling: ``cfg_scale``, ``cfg_interval``, ``temperature``, ``top_k``, ``top_p``, ``image_size_eval``
+            overriding the port's stored protocol (`stored_sampling`; `LLAMAGEN_PROTOCOL` without one).
+    """
+    from bitlaws.demo.llamagen_family import QUANT_PATTERN  # pylint: disable=g-import-not-at-top
+
+    sampling = {**stored_sampling(gpt_dir, LLAMAGEN_PROTOCOL), **dict(sampling or {})}
+    return _sampling_only(f"ported {gpt_dir}", "llamagen", _load_ported(gpt_dir, ("llamagen",)),
+                          _load_ported(vq_dir, ("llamagen_vq",)), sampling, QUANT_PATTERN,
+                          f"ported LlamaGen {gpt_dir} with tokenizer {vq_dir}")
+
+
+def ported_mar(mar_dir: str, vae_dir: str, sampling: Optional[dict] = None) -> Subject:
+    """A ported MAR (``bitlaws port mar``, EMA weights) with its ported KL-16 VAE (``bitlaws port mar_vae``).
+
+    Args:
+        mar_dir, vae_dir: The two ``bitlaws port`` output folders.
+        sampling: ``num_iter``, ``num_sampling_steps``, ``cfg``, ``cfg_schedule``, ``temperature`` overriding the
+            port's stored protocol (`stored_sampling`; `MAR_PROTOCOL` without one).
+    """
+    from bitlaws.demo.mar_family import QUANT_PATTERN  # pylint: disable=g-import-not-at-top
+
+    sampling = {**stored_sampling(mar_dir, MAR_PROTOCOL), **dict(sampling or {})}
+    sampling["num_sampling_steps"] = str(sampling["num_sampling_steps"])
+    return _sampling_only(f"ported {mar_dir}", "mar", _load_ported(mar_dir, ("mar",)),
+                          _load_ported(vae_dir, ("mar_vae",)), sampling, QUANT_PATTERN,
+                          f"ported MAR {mar_dir} with VAE {vae_dir}")
+
+
+PROTOCOLS = {"var": VAR_PROTOCOL, "dit": DIT_PROTOCOL, "llamagen": LLAMAGEN_PROTOCOL, "mar": MAR_PROTOCOL}
+"""The fallback protocol of each family; its keys are the knobs ``released.<family>_sampling`` may set."""
+PORTED = {"var": ported_var, "dit": ported_dit, "llamagen": ported_llamagen, "mar": ported_mar}
+"""The ported subject of each family of the released study, ``loader(generator_dir, decoder_dir, sampling)``."""
 
 
 # --------------------------------------------------------------------------------------------- quantize

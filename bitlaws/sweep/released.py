@@ -1,10 +1,13 @@
-"""The ``released`` sweep evaluator: FID-50K / IS of quantized released VAR and DiT models (``bitlaws port`` output).
+"""The ``released`` sweep evaluator: FID-50K / IS of quantized released VAR, DiT, LlamaGen and MAR models
+(``bitlaws port`` output).
 
 For a cell (model, setting, format, method, seed) it loads the model's ported folders named in
-``config.released.checkpoints[model]`` (``{"var", "vqvae"}`` or ``{"dit", "vae"}``) with the sampling protocol
-stored with the port (`bitlaws.analysis.subjects.ported_var` / `ported_dit`: VAR cfg 1.5, top-k 900, top-p 0.96,
-no smoothing; DiT 250 DDPM steps, cfg 1.5, no clipping, SD-VAE decode; ``released.var_sampling`` /
-``released.dit_sampling`` override single knobs), quantizes the generator with the cell's method through the
+``config.released.checkpoints[model]`` (``{"var", "vqvae"}``, ``{"dit", "vae"}``, ``{"llamagen", "llamagen_vq"}``
+or ``{"mar", "mar_vae"}``; `FAMILY_DIRS`) with the sampling protocol stored with the port
+(`bitlaws.analysis.subjects.PORTED`: VAR cfg 1.5, top-k 900, top-p 0.96, no smoothing; DiT 250 DDPM steps, cfg 1.5,
+no clipping, SD-VAE decode; LlamaGen the ``sample_c2i_ddp.py`` FID commands: per-variant cfg, no top-k / top-p,
+384px decoded and resized to 256px; MAR 256 iterations, 100 head steps, per-variant linear cfg;
+``released.<family>_sampling`` override single knobs), quantizes the generator with the cell's method through the
 sweep's method registry (`settings.quantize_for_cell`), and then, shard by shard (`released_shards`):
 
 1. samples ``shard_size`` images, ``per_device_batch`` per device, sample ``i`` keyed by ``fold_in(seed, i)`` with
@@ -63,7 +66,8 @@ CELLS_DIR = "cells"
 FEATURE_DIM = 2048
 LOGIT_CLASSES = 1008
 FRECHET = ("sqrtm", "features")
-FAMILY_DIRS = {"var": ("var", "vqvae"), "dit": ("dit", "vae")}
+FAMILY_DIRS = {"var": ("var", "vqvae"), "dit": ("dit", "vae"), "llamagen": ("llamagen", "llamagen_vq"),
+               "mar": ("mar", "mar_vae")}
 DOCS = "docs/released_study.md"
 # Where the files a ported folder is made from come from (shown when a folder is missing).
 _SOURCES = {
@@ -73,7 +77,16 @@ _SOURCES = {
             "configs/models/{model}.py"),
     "vae": ("diffusion_pytorch_model.safetensors", "https://huggingface.co/stabilityai/sd-vae-ft-ema",
             "configs/models/sd_vae_ft_ema.py"),
+    "llamagen": ("c2i_{VARIANT}_384.pt", "https://huggingface.co/FoundationVision/LlamaGen",
+                 "configs/models/llamagen_gpt.py:{variant},image_size=384"),
+    "llamagen_vq": ("vq_ds16_c2i.pt", "https://huggingface.co/FoundationVision/LlamaGen",
+                    "configs/models/llamagen_vq16.py"),
+    "mar": ("pretrained_models/mar/mar_{mar_size}/checkpoint-last.pth",
+            "https://github.com/LTH14/mar (`python util/download.py`)", "configs/models/mar.py:{variant}"),
+    "mar_vae": ("pretrained_models/vae/kl16.ckpt", "https://github.com/LTH14/mar (`python util/download.py`)",
+                "configs/models/mar_vae_kl16.py"),
 }
+_MAR_SIZES = {"b": "base", "l": "large", "h": "huge"}
 REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                  "VIRTUAL_imagenet256_labeled.npz")
 
@@ -97,6 +110,8 @@ class StudyOptions:
     progress: bool = True
     var_sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dit_sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    llamagen_sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    mar_sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     attention: str = attention_lib.DEFAULT
     compute_dtype: str = "float32"
 
@@ -134,12 +149,17 @@ class StudyOptions:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"config block 'released' has unknown field(s) {unknown}; valid: {sorted(names)}")
-        for name in ("var_sampling", "dit_sampling"):
+        for family in FAMILY_DIRS:
+            name = f"{family}_sampling"
             values[name] = {k: v for k, v in dict(values.get(name) or {}).items() if v is not None}
+            unknown = sorted(set(values[name]) - set(subjects.PROTOCOLS[family]))
+            if unknown:
+                raise ValueError(f"config block 'released.{name}' has unknown field(s) {unknown}; valid: "
+                                 f"{sorted(subjects.PROTOCOLS[family])}")
         return cls(**values)
 
     def family(self, model: str) -> str:
-        """``var`` or ``dit`` from the folders ``checkpoints[model]`` names."""
+        """``var``, ``dit``, ``llamagen`` or ``mar`` from the folders ``checkpoints[model]`` names."""
         entry = self.checkpoints.get(model)
         if entry is None:
             raise ValueError(f"model {model!r} has no entry in released.checkpoints (known: "
@@ -147,8 +167,12 @@ class StudyOptions:
         for family, kinds in FAMILY_DIRS.items():
             if set(entry) == set(kinds):
                 return family
-        raise ValueError(f"released.checkpoints.{model} must name the folders {FAMILY_DIRS['var']} (VAR) or "
-                         f"{FAMILY_DIRS['dit']} (DiT), got {sorted(entry)}")
+        choices = " or ".join(f"{kinds} ({family})" for family, kinds in FAMILY_DIRS.items())
+        raise ValueError(f"released.checkpoints.{model} must name the folders {choices}, got {sorted(entry)}")
+
+    def sampling(self, family: str) -> dict[str, Any]:
+        """The ``released.<family>_sampling`` overrides (knobs set to None dropped)."""
+        return dict(getattr(self, f"{family}_sampling"))
 
     def folder(self, model: str, kind: str) -> pathlib.Path:
         return pathlib.Path(str(self.checkpoints[model][kind])).expanduser()
@@ -158,10 +182,11 @@ class StudyOptions:
 
 
 def _missing_port(model: str, kind: str, folder: pathlib.Path) -> str:
-    file, url, model_config = _SOURCES[kind]
-    config = model_config.format(model=model)
+    variant = model.rsplit("_", 1)[-1]
+    fields = dict(model=model, variant=variant, VARIANT=variant.upper(), mar_size=_MAR_SIZES.get(variant, variant))
+    file, url, config = (text.format(**fields) for text in _SOURCES[kind])
     return (f"ported {kind} folder {folder} not found (no {checkpoint.METADATA_FILE}): download "
-            f"{file.format(model=model)} from {url}, run `bitlaws port {kind} --ckpt {file.format(model=model)} "
+            f"{file} from {url}, run `bitlaws port {kind} --ckpt {pathlib.Path(file).name} "
             f"--config {config} --out {folder}` or set released.checkpoints.{model}.{kind} (see {DOCS})")
 
 
@@ -237,10 +262,10 @@ def check_cells(config: ml_collections.ConfigDict, cells: Sequence[Cell]) -> Non
 
 
 def quant_pattern(family: str) -> str:
-    """Module-path regex of the layers the paper quantizes in a VAR / DiT generator."""
-    from bitlaws.demo import dit_family, var_family  # pylint: disable=g-import-not-at-top
+    """Module-path regex of the layers the paper quantizes in a generator of `family` (the demo family's)."""
+    import importlib  # pylint: disable=g-import-not-at-top
 
-    return var_family.QUANT_PATTERN if family == "var" else dit_family.QUANT_PATTERN
+    return importlib.import_module(f"bitlaws.demo.{family}_family").QUANT_PATTERN
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -342,10 +367,8 @@ def make_evaluator(config: ml_collections.ConfigDict):
         if state["model"] != model:
             jax.clear_caches()  # the previous model's compiled samplers (see bitlaws.demo.evaluate)
             family = options.family(model)
-            load = subjects.ported_var if family == "var" else subjects.ported_dit
-            overrides = options.var_sampling if family == "var" else options.dit_sampling
-            state["subject"] = load(*(str(options.folder(model, kind)) for kind in FAMILY_DIRS[family]),
-                                    dict(overrides))
+            state["subject"] = subjects.PORTED[family](
+                *(str(options.folder(model, kind)) for kind in FAMILY_DIRS[family]), options.sampling(family))
             state["model"] = model
         return state["subject"]
 

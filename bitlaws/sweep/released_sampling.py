@@ -1,4 +1,4 @@
-"""Data-parallel sampling of ported VAR / DiT models where sample ``i`` depends only on ``(seed, i)``.
+"""Data-parallel sampling of ported VAR / DiT / LlamaGen / MAR models where sample ``i`` depends only on ``(seed, i)``.
 
 Keys and labels: sample ``i`` draws with ``jax.random.fold_in(jax.random.key(seed), i)`` and conditions on
 `sample_labels` of ``i``; the samplers run under ``jax.vmap`` over samples (one sampler call per sample, batched),
@@ -21,12 +21,17 @@ convolutions round differently at other batch sizes, so changing ``per_device_ba
 one level).
 
 uint8 conversion follows the official scripts: VAR ``img.mul(255).astype(uint8)`` of the [0, 1] image
-(truncation), DiT ``clamp(127.5 * x + 128, 0, 255).to(uint8)`` of the decoded [-1, 1] image.
+(truncation), DiT ``clamp(127.5 * x + 128, 0, 255).to(uint8)`` of the decoded [-1, 1] image; LlamaGen's
+``sample_c2i_ddp.py`` the same as DiT after resizing the decoded image to ``image_size_eval`` with
+``F.interpolate(mode='bicubic')`` (`bitlaws.models.vqvae.bicubic_resize`, PyTorch's a = -0.75 kernel, no
+antialiasing; skipped when the sizes agree or ``image_size_eval`` is 0); MAR's ``engine_mar.evaluate``
+``np.round(np.clip((x + 1) / 2 * 255, 0, 255))`` of the VAE's [-1, 1] output (rounding, not truncation).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -38,12 +43,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bitlaws.eval.sharded import DATA_AXIS
-from bitlaws.sample import draws
+from bitlaws.models.vqvae import bicubic_resize
+from bitlaws.sample import draws, mar_sampler
 from bitlaws.sample.diffusion import create_diffusion, decode_latents
+from bitlaws.sample.llamagen_sampler import generate
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
 
 LABEL_ORDERS = ("cyclic", "blocks")
-FAMILIES = ("var", "dit")
+FAMILIES = ("var", "dit", "llamagen", "mar")
 
 
 def sample_labels(indices: Any, num_classes: int, order: str = "cyclic", per_class: int = 50) -> Any:
@@ -77,6 +84,11 @@ def dit_to_uint8(images: jax.Array) -> jax.Array:
     return jnp.floor(jnp.clip(127.5 * images + 128.0, 0.0, 255.0)).astype(jnp.uint8)
 
 
+def mar_to_uint8(images: jax.Array) -> jax.Array:
+    """``[..., 3]`` float in [-1, 1] -> uint8 ``round(clip(255 (x + 1) / 2, 0, 255))`` (MAR's ``engine_mar.py``)."""
+    return jnp.round(jnp.clip((images + 1.0) / 2.0 * 255.0, 0.0, 255.0)).astype(jnp.uint8)
+
+
 @functools.lru_cache(maxsize=4)
 def _diffusion(respacing: str):
     """One process per respacing, so its compiled sampling loops serve every cell."""
@@ -96,6 +108,26 @@ def keys_and_labels(seed: jax.Array, indices: jax.Array, *, num_classes: int, or
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
     return keys, sample_labels(indices, num_classes, order, per_class)
+
+
+@functools.lru_cache(maxsize=8)
+def _vq_decoder_call(graphdef: nnx.GraphDef, grid: int, size: int) -> Callable[[nnx.State, jax.Array], jax.Array]:
+    """``jit((state, tokens [B, grid*grid]) -> uint8 [B, H, W, 3])`` of a LlamaGen VQ: decode, resize, convert."""
+
+    def decode(state: nnx.State, tokens: jax.Array) -> jax.Array:
+        vq = nnx.merge(graphdef, state)
+        images = vq.decode_code(tokens, (tokens.shape[0], grid, grid, vq.codebook_embed_dim))  # [B, H, W, 3]
+        if size and size != images.shape[1]:
+            images = bicubic_resize(images, (size, size))
+        return dit_to_uint8(images)
+
+    return jax.jit(decode)
+
+
+@functools.lru_cache(maxsize=8)
+def _mar_decoder_call(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
+    """``jit((state, tokens [B, h, w, C]) -> uint8 [B, H, W, 3])`` of MAR's KL VAE (``decode(tokens / 0.2325)``)."""
+    return jax.jit(lambda state, tokens: mar_to_uint8(mar_sampler.decode_tokens(nnx.merge(graphdef, state), tokens)))
 
 
 def _var_one(var: nnx.Module, vae: nnx.Module, protocol: Mapping[str, Any]) -> Callable:
@@ -140,15 +172,54 @@ def _dit_one(dit: nnx.Module, vae: nnx.Module, protocol: Mapping[str, Any]) -> C
     return one
 
 
+def _llamagen_one(gpt: nnx.Module, vq: nnx.Module, protocol: Mapping[str, Any]) -> Callable:
+    """``(key, label) -> uint8 [H, W, 3]``: one LlamaGen sample (`generate` with B=1; its Exp(1) draws of token
+    ``t`` from ``fold_in(key, t)``), decoded by the VQ and converted as ``sample_c2i_ddp.py`` does."""
+    vq_def, vq_state = nnx.split(vq)
+    decode = _vq_decoder_call(vq_def, math.isqrt(int(gpt.block_size)), int(protocol["image_size_eval"]))
+    settings = dict(cfg_scale=float(protocol["cfg_scale"]), cfg_interval=int(protocol["cfg_interval"]),
+                    temperature=float(protocol["temperature"]), top_k=int(protocol["top_k"]),
+                    top_p=float(protocol["top_p"]))
+
+    def one(key: jax.Array, label: jax.Array) -> jax.Array:
+        tokens = generate(gpt, label[None], key, **settings).tokens  # [1, N]
+        return decode(vq_state, tokens)[0]
+
+    return one
+
+
+def _mar_one(mar: nnx.Module, vae: nnx.Module, protocol: Mapping[str, Any]) -> Callable:
+    """``(key, label) -> uint8 [H, W, 3]``: one MAR sample (`mar_sampler.sample_tokens` with B=1: its order from
+    the first half of `key`, the head's noise from the second), decoded by the KL VAE."""
+    vae_def, vae_state = nnx.split(vae)
+    decode = _mar_decoder_call(vae_def)
+    cfg_schedule = str(protocol["cfg_schedule"])
+    if cfg_schedule not in mar_sampler.CFG_SCHEDULES:
+        raise ValueError(f"MAR cfg_schedule must be one of {mar_sampler.CFG_SCHEDULES}, got {cfg_schedule!r}")
+    settings = dict(num_iter=int(protocol["num_iter"]), num_sampling_steps=str(protocol["num_sampling_steps"]),
+                    cfg=float(protocol["cfg"]), cfg_schedule=cfg_schedule, temperature=float(protocol["temperature"]))
+
+    def one(key: jax.Array, label: jax.Array) -> jax.Array:
+        tokens = mar_sampler.sample_tokens(mar, label[None], key=key, **settings)  # [1, h, w, C]
+        return decode(vae_state, tokens)[0]
+
+    return one
+
+
+_SAMPLERS = {"var": _var_one, "dit": _dit_one, "llamagen": _llamagen_one, "mar": _mar_one}
+
+
 class ShardedSampler:
     """Samples uint8 images of any sample indices, ``per_device_batch`` per device of `mesh`.
 
     Args:
-        family: ``var`` or ``dit``.
-        model: The generator (VAR transformer or DiT; quantized or float).
-        decoder: VAR's tokenizer or DiT's VAE.
+        family: ``var``, ``dit``, ``llamagen`` or ``mar``.
+        model: The generator (VAR transformer, DiT, LlamaGen GPT or MAR; quantized or float).
+        decoder: VAR's tokenizer, DiT's VAE, LlamaGen's VQ or MAR's KL VAE.
         protocol: VAR ``cfg``, ``top_k``, ``top_p``, ``more_smooth``; DiT ``sampler``, ``timestep_respacing``,
-            ``cfg_scale``, ``clip_denoised``.
+            ``cfg_scale``, ``clip_denoised``; LlamaGen ``cfg_scale``, ``cfg_interval``, ``temperature``,
+            ``top_k``, ``top_p``, ``image_size_eval``; MAR ``num_iter``, ``num_sampling_steps``, ``cfg``,
+            ``cfg_schedule``, ``temperature``.
         mesh: Mesh with a ``'data'`` axis (this process's devices).
         per_device_batch: Samples per device per step.
         num_classes: Conditioning classes.
@@ -169,7 +240,7 @@ class ShardedSampler:
         self._data = NamedSharding(mesh, P(DATA_AXIS))
         graphdef, state = nnx.split((model, decoder))
         net, dec = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))  # replicated weights
-        self._one = (_var_one if family == "var" else _dit_one)(net, dec, protocol)
+        self._one = _SAMPLERS[family](net, dec, protocol)
 
     def _step(self, seed: int, indices: np.ndarray) -> np.ndarray:
         """uint8 ``[batch, H, W, 3]`` of exactly `batch` indices."""

@@ -7,6 +7,12 @@
   exactly as ``tests/analysis/test_ported.py`` ports them (10 classes, 4 scales, 64x64 images);
 * ``dit`` / ``vae``: the DiT of ``dit_weights.pth`` (8x8x4 latents, 10 classes) and the SD-VAE-shaped
   ``sdvae_weights.safetensors`` (16x16 images);
+* with ``ar=True`` (``released.py:smoke,ar``), in ``ported_ar``: ``llamagen`` / ``llamagen_vq``, the GPT of
+  ``llamagen_gpt_weights.pth`` (10 classes, 4x4 tokens of a 64-code vocabulary) and its VQ (weights regenerated
+  from ``llamagen_vq_weights_manifest.json``; 32x32 images), and ``mar`` / ``mar_vae``, the MAR of
+  ``mar_weights.pth`` (EMA copy; 10 classes, 4x4 tokens of 4 channels) and its KL VAE (regenerated from
+  ``mar_vae_weights_manifest.json``; 32x32 images), constructors from the manifest entries as
+  ``tests/port/test_llamagen_port.py`` / ``test_mar_port.py`` port them;
 * ``reference``: FID statistics (``mu``, ``sigma``, ``n``; `bitlaws.eval.fid.save_reference_stats`) of a tiny
   generated batch (`REFERENCE_IMAGES` smooth random uint8 images) under the random-weight FID Inception
   (`bitlaws.eval.fid.random_fid_inception`, seed `INCEPTION_SEED`): what the smoke cells are scored against.
@@ -93,6 +99,37 @@ def _port_all(root: pathlib.Path, configs: pathlib.Path) -> None:
     vqvae_file.unlink()
 
 
+def _port_ar(root: pathlib.Path, configs: pathlib.Path) -> None:
+    """Ports the LlamaGen and MAR fixtures (GPT + VQ, MAR + KL VAE) into ``root/<kind>``."""
+    from bitlaws.models.llamagen_vq import vq_ctor_kwargs  # pylint: disable=g-import-not-at-top
+    from bitlaws.port import convert  # pylint: disable=g-import-not-at-top
+    from bitlaws.port.checks.mar_vae import ctor_from_manifest  # pylint: disable=g-import-not-at-top
+    from bitlaws.port.recipe import regenerate  # pylint: disable=g-import-not-at-top
+    from bitlaws.port.safetensors_io import write_safetensors  # pylint: disable=g-import-not-at-top
+    from bitlaws.port.tables.mar import mar_ctor  # pylint: disable=g-import-not-at-top
+
+    root.mkdir(parents=True)
+    fixtures = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
+    vq_ctor = {k: list(v) if isinstance(v, tuple) else v
+               for k, v in vq_ctor_kwargs(fixtures["llamagen_vq"]["ctor"]).items()}
+    llamagen_config = _fixture_config(configs / "llamagen.py", {"gpt": fixtures["llamagen_gpt"]["ctor"]["ModelArgs"],
+                                                                "vq": vq_ctor})
+    mar_config = _fixture_config(configs / "mar.py", {"model": mar_ctor(fixtures["mar"]["ctor"]["kwargs"])})
+    vae_config = _fixture_config(configs / "mar_vae.py", {"model": ctor_from_manifest(fixtures["mar_vae"])})
+    regenerated = {}
+    for kind, manifest in (("llamagen_vq", "llamagen_vq_weights_manifest.json"),
+                           ("mar_vae", "mar_vae_weights_manifest.json")):
+        regenerated[kind] = root / f"{kind}.safetensors"
+        write_safetensors(regenerated[kind], regenerate(FIXTURES / manifest))
+    for kind, ckpt, config in (("llamagen", FIXTURES / "llamagen_gpt_weights.pth", llamagen_config),
+                               ("llamagen_vq", regenerated["llamagen_vq"], llamagen_config),
+                               ("mar", FIXTURES / "mar_weights.pth", mar_config),
+                               ("mar_vae", regenerated["mar_vae"], vae_config)):
+        convert.convert(kind, ckpt, root / kind, config=config)
+    for path in regenerated.values():
+        path.unlink()
+
+
 def reference_images(n: int = REFERENCE_IMAGES, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
     """``[n, size, size, 3]`` uint8 smooth random images (bilinearly upsampled 4x4 noise): the smoke reference."""
     rng = np.random.default_rng(seed)
@@ -113,20 +150,27 @@ def _write_reference(path: pathlib.Path) -> None:
     fid.save_reference_stats(path, run)
 
 
-def smoke_inputs(cache: Union[str, os.PathLike, None] = None) -> dict[str, str]:
+def smoke_inputs(cache: Union[str, os.PathLike, None] = None, *, classic: bool = True,
+                 ar: bool = False) -> dict[str, str]:
     """Ports the fixture models and writes the smoke reference into `cache` when missing.
 
     Args:
         cache: Folder (default ``~/.cache/bitlaws/released_smoke``).
+        classic: Port the VAR and DiT fixtures (``ported/``).
+        ar: Port the LlamaGen and MAR fixtures (``ported_ar/``).
 
     Returns:
-        ``{"var", "vqvae", "dit", "vae", "reference"}``: absolute paths of the four ported folders and the
-        reference statistics file.
+        ``{"var", "vqvae", "dit", "vae"}`` (`classic`), ``{"llamagen", "llamagen_vq", "mar", "mar_vae"}`` (`ar`):
+        absolute paths of the ported folders; ``"reference"``: the reference statistics file.
     """
     root = pathlib.Path(cache if cache is not None else DEFAULT_CACHE).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    ported = _once(root / "ported", lambda tmp: _port_all(tmp, root / "configs"))
-    reference = _once(root / "reference.npz", _write_reference)
-    paths = {kind: str(ported / kind) for kind in ("var", "vqvae", "dit", "vae")}
-    paths["reference"] = str(reference)
+    paths = {}
+    if classic:
+        ported = _once(root / "ported", lambda tmp: _port_all(tmp, root / "configs"))
+        paths.update({kind: str(ported / kind) for kind in ("var", "vqvae", "dit", "vae")})
+    if ar:
+        ported = _once(root / "ported_ar", lambda tmp: _port_ar(tmp, root / "configs_ar"))
+        paths.update({kind: str(ported / kind) for kind in ("llamagen", "llamagen_vq", "mar", "mar_vae")})
+    paths["reference"] = str(_once(root / "reference.npz", _write_reference))
     return paths
