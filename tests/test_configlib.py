@@ -43,7 +43,7 @@ def test_parse_arg_with_allowed_keys_names_the_unknown_one():
         configlib.parse_arg("x", allowed=())
 
 
-@pytest.mark.parametrize("spec,allowed", [("sweeps/demo.py", "quick, n_per_class"), ("sweeps/toy.py", "small"),
+@pytest.mark.parametrize("spec,allowed", [("sweeps/demo.py", "quick, four, n_per_class"), ("sweeps/toy.py", "small"),
                                           ("demo/dit.py", "depth, steps, quick"), ("demo/var.py", "depth"),
                                           ("demo/vqvae.py", "steps, quick"), ("demo/classifier.py", "quick")])
 def test_every_config_that_takes_an_argument_rejects_unknown_ones(spec, allowed):

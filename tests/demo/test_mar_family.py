@@ -82,6 +82,7 @@ def test_calibration_batches_run_through_the_network(smallest, source):
     assert smallest.calibration_protocol(source)
 
 
+@pytest.mark.slow  # 11-33 s: compiles the training step (the trainer itself is tested in tests/train)
 def test_training_loss_decreases_on_a_tiny_model():
     config = load_config(f"{CONFIG}:depth=1,quick")
     assert config.family == "mar" and config.train.steps == 2

@@ -34,6 +34,7 @@ def test_random_mask_masks_the_same_count_per_row_within_the_rate_range():
         assert (counts == counts[0]).all() and np.ceil(16 * 0.7) <= counts[0] <= 16
 
 
+@pytest.mark.slow  # ~20 s on the 2-core CPU (compiles the head's loss for a tiny model)
 def test_masked_loss_counts_only_masked_rows():
     model, diffusion = _tiny(), mar_losses.training_diffusion()
     tokens = jax.random.normal(jax.random.key(0), (2, model.seq_len, model.token_embed_dim))

@@ -22,7 +22,7 @@ def ar_cache(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("family", ["llamagen", "mar"])
+@pytest.mark.parametrize("family", ["llamagen", pytest.param("mar", marks=pytest.mark.slow)])  # mar: ~18 s
 def test_sample_i_depends_only_on_seed_and_i(ar_cache, family):
     paths = smoke_inputs(ar_cache, classic=False, ar=True)
     subject = subjects.PORTED[family](*(paths[kind] for kind in released.FAMILY_DIRS[family]), AR_SAMPLING[family])
