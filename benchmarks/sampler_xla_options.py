@@ -1,4 +1,4 @@
-"""Sampling with `bitlaws.sample.xla_options.SAMPLER_OPTIONS` against XLA's default options, side by side.
+"""Sampling with `bitlaws.xla_options.COMPILER_OPTIONS` against XLA's default options, side by side.
 
 Each (member, options) pair runs in its own process (the options are fixed at import), alternately, and prints
 the first call (compilation included) and the median of the following calls, all pinned to the first CPU of

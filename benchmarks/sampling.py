@@ -26,10 +26,9 @@ from bitlaws import configlib
 from bitlaws.models.common import random_model
 from bitlaws.models.dit import DiT
 from bitlaws.models.kl_vae import AutoencoderKL
-from bitlaws.models.var import VAR, var_ctor_kwargs
-from bitlaws.models.vqvae import VQVAE
 from bitlaws.port.convert import REPO_CONFIGS, model_ctor
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
+from vs_official import random_var  # benchmarks/, the script's folder
 
 
 def _timed(fn, repeats: int):
@@ -45,15 +44,7 @@ def _timed(fn, repeats: int):
 
 
 def bench_var(depth: int, batch: int, repeats: int, quick: bool) -> dict:
-    config = configlib.load_config(str(REPO_CONFIGS / f"var_d{depth if not quick else 16}.py"))
-    vq_ctor = model_ctor(config.vqvae)
-    var_ctor = var_ctor_kwargs(model_ctor(config.var), vq_ctor)
-    if quick:
-        patch = (1, 2, 3, 4)
-        vq_ctor.update(vocab_size=64, z_channels=8, ch=32, v_patch_nums=patch)
-        var_ctor.update(depth=2, embed_dim=128, num_heads=2, patch_nums=patch, vocab_size=64, Cvae=8)
-    vae = random_model(lambda: VQVAE(**vq_ctor, rngs=nnx.Rngs(0)), seed=0)
-    var = random_model(lambda: VAR(**var_ctor, rngs=nnx.Rngs(0)), seed=1)
+    vae, var, var_ctor, _ = random_var(depth if not quick else 16, quick)  # N(0, 0.02) weights (vs_official.py)
     labels = jnp.arange(batch) % var_ctor["num_classes"]
     run = lambda: autoregressive_infer_cfg(var, vae, B=batch, label_B=labels, key=jax.random.key(0),  # noqa: E731
                                            cfg=1.5, top_k=900, top_p=0.96)

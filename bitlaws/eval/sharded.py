@@ -54,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from bitlaws.eval.stats import FeatureStats
+from bitlaws.xla_options import COMPILER_OPTIONS
 
 __all__ = ["FeatureRun", "accumulate_features", "allgather_float64", "data_mesh", "local_data_mesh",
            "merge_across_processes"]
@@ -219,7 +220,7 @@ def _make_step(
             return split_outputs(feature_fn(images))
 
         in_shardings = (data_sharding,)
-    return jax.jit(step, in_shardings=in_shardings, out_shardings=data_sharding)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=data_sharding, compiler_options=COMPILER_OPTIONS)
 
 
 def _check_output(name: str, value: np.ndarray, rows: int) -> None:

@@ -14,6 +14,10 @@ implementation                 what runs
 The implementation is a static attribute of each attention layer (``attention_impl``), chosen for a whole model
 with `set_attention` (sampling configs: ``sampling.attention``); it changes which kernels run, not the maths:
 the tests check every implementation available here against ``"xla"``.
+
+KV caches are kept heads-first, ``[B, KV, capacity, hd]`` (``heads_first=True``): the ``"xla"`` path's two
+batched matmuls then read the cache as it lies. A ``[B, capacity, KV, hd]`` cache made XLA transpose the whole
+buffer twice per layer and call — on the 2-core CPU a third of a VAR-d16 scale's time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,52 +40,63 @@ def check_implementation(impl: str) -> str:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: Optional[jax.Array] = None,
-           impl: str = DEFAULT) -> jax.Array:
+           impl: str = DEFAULT, heads_first: bool = False) -> jax.Array:
     """``softmax(scale q k^T + mask) v`` per head.
 
     Args:
         q: ``[B, l, H, hd]`` queries.
-        k, v: ``[B, m, KV, hd]`` keys and values; ``KV`` divides ``H`` (grouped-query attention when smaller:
-            query head ``j`` uses kv head ``j // (H / KV)``).
+        k, v: ``[B, m, KV, hd]`` keys and values (``[B, KV, m, hd]`` with `heads_first`); ``KV`` divides ``H``
+            (grouped-query attention when smaller: query head ``j`` uses kv head ``j // (H / KV)``).
         scale: Multiplier of the logits.
         mask: Optional boolean ``[l, m]`` (or broadcastable to ``[B, H, l, m]``): True where a query may
             attend; every query needs at least one True.
         impl: One of `IMPLEMENTATIONS`.
+        heads_first: `k` and `v` are ``[B, KV, m, hd]`` (the layout of the models' KV caches).
 
     Returns:
         ``[B, l, H, hd]`` in the dtype of `q`.
     """
     if impl == "xla":
+        if not heads_first:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         return _attend_xla(q, k, v, scale=scale, mask=mask)
     check_implementation(impl)
+    if heads_first:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                         implementation=None if impl == "dot_product_attention" else "cudnn")
 
 
-def attention_probs(q: jax.Array, k: jax.Array, *, scale: float, mask: Optional[jax.Array] = None) -> jax.Array:
-    """The ``"xla"`` attention weights ``[B, H, l, m]`` float32 (for layers that apply dropout to them)."""
-    logits = jnp.einsum("blhd,bmhd->bhlm", q * scale, k).astype(jnp.float32)  # [B, H, l, m]
+def attention_probs(q: jax.Array, k: jax.Array, *, scale: float, mask: Optional[jax.Array] = None,
+                    heads_first: bool = False) -> jax.Array:
+    """The ``"xla"`` attention weights ``[B, H, l, m]`` float32 (for layers that apply dropout to them).
+
+    ``q [B, l, H, hd]``; ``k [B, m, H, hd]`` (``[B, H, m, hd]`` with `heads_first`).
+    """
+    spec = "blhd,bhmd->bhlm" if heads_first else "blhd,bmhd->bhlm"
+    logits = jnp.einsum(spec, q * scale, k).astype(jnp.float32)  # [B, H, l, m]
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     return jax.nn.softmax(logits, axis=-1)
 
 
 def _attend_xla(q, k, v, *, scale, mask):
-    heads, kv_heads = q.shape[2], k.shape[2]
+    """``q [B, l, H, hd]``, heads-first ``k, v [B, KV, m, hd]`` -> ``[B, l, H, hd]``."""
+    heads, kv_heads = q.shape[2], k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"attend: {kv_heads} key/value heads do not divide {heads} query heads")
     if kv_heads == heads:
-        probs = attention_probs(q, k, scale=scale, mask=mask)
-        return jnp.einsum("bhlm,bmhd->blhd", probs.astype(v.dtype), v)  # [B, l, H, hd]
+        probs = attention_probs(q, k, scale=scale, mask=mask, heads_first=True)
+        return jnp.einsum("bhlm,bhmd->blhd", probs.astype(v.dtype), v)  # [B, l, H, hd]
     b, l, _, d = q.shape
     grouped = q.reshape(b, l, kv_heads, heads // kv_heads, d)  # query head j = (j // rep, j % rep)
-    logits = jnp.einsum("blgrd,bmgd->bgrlm", grouped * scale, k).astype(jnp.float32)  # [B, KV, rep, l, m]
+    logits = jnp.einsum("blgrd,bgmd->bgrlm", grouped * scale, k).astype(jnp.float32)  # [B, KV, rep, l, m]
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bgrlm,bmgd->blgrd", probs.astype(v.dtype), v).reshape(b, l, heads, d)  # [B, l, H, hd]
+    return jnp.einsum("bgrlm,bgmd->blgrd", probs.astype(v.dtype), v).reshape(b, l, heads, d)  # [B, l, H, hd]
 
 
 def set_attention(model: nnx.Module, impl: str) -> int:

@@ -155,12 +155,13 @@ class Attention(nnx.Module):
         v = fused[..., self.dim + kv:].reshape(b, l, self.n_kv_head, self.head_dim)
         return apply_rotary(q, table), apply_rotary(k, table), v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
+               heads_first: bool = False) -> jax.Array:
         """Softmax attention with kv heads shared by groups of query heads.
 
         Args:
             q: ``[B, l, H, hd]``.
-            k, v: ``[B, m, KV, hd]``.
+            k, v: ``[B, m, KV, hd]`` (``[B, KV, m, hd]`` with `heads_first`: the KV cache's layout).
             visible: bool ``[l, m]``: which keys each query sees.
 
         Returns:
@@ -168,7 +169,7 @@ class Attention(nnx.Module):
         """
         b, l = q.shape[:2]
         out = attention.attend(q, k, v, scale=1.0 / math.sqrt(self.head_dim), mask=visible,
-                               impl=self.attention_impl)  # [B, l, H, hd]
+                               impl=self.attention_impl, heads_first=heads_first)  # [B, l, H, hd]
         return out.reshape(b, l, self.dim)
 
     def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
@@ -185,18 +186,19 @@ class Attention(nnx.Module):
         Args:
             x: ``[B, l, dim]``.
             table: ``[l, hd/2, 2]`` RoPE rows of the new positions.
-            cache: ``(k, v)`` each ``[B, capacity, KV, hd]``.
+            cache: ``(k, v)`` each heads-first ``[B, KV, capacity, hd]``.
             pos: int32 scalar (may be traced): position of the first new token.
 
         Returns:
             ``(out [B, l, dim], updated cache)``.
         """
         q, k, v = self.qkv(x, table)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=1)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], jnp.swapaxes(k, 1, 2).astype(cache[0].dtype), pos, axis=2)
+        values = jax.lax.dynamic_update_slice_in_dim(cache[1], jnp.swapaxes(v, 1, 2).astype(cache[1].dtype), pos,
+                                                     axis=2)
         query_pos = pos + jnp.arange(x.shape[1])  # [l]
-        visible = jnp.arange(keys.shape[1])[None, :] <= query_pos[:, None]  # [l, capacity]
-        return self.wo(self.attend(q, keys, values, visible)), (keys, values)
+        visible = jnp.arange(keys.shape[2])[None, :] <= query_pos[:, None]  # [l, capacity]
+        return self.wo(self.attend(q, keys, values, visible, heads_first=True)), (keys, values)
 
 
 class TransformerBlock(nnx.Module):
@@ -321,14 +323,14 @@ class LlamaGen(nnx.Module):
         return self.logits(h)
 
     def empty_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:
-        """Zeroed KV buffers for `forward_cached`: per layer ``[batch, capacity, n_kv_head, hd]`` float32.
+        """Zeroed KV buffers for `forward_cached`: per layer heads-first ``[batch, n_kv_head, capacity, hd]`` float32.
 
         Args:
             batch: Rows (2B with CFG).
             capacity: Positions held (default ``1 + block_size``: the class token and every image token).
         """
         capacity = 1 + self.block_size if capacity is None else capacity
-        shape = (batch, capacity, self.n_kv_head, self.head_dim)
+        shape = (batch, self.n_kv_head, capacity, self.head_dim)
         return tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in self.layers)
 
     def forward_cached(self, h: jax.Array, cache: KVCache, pos: jax.Array) -> tuple[jax.Array, KVCache]:

@@ -153,23 +153,27 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, attn_bias: Optional[np.ndarray] = None,
                  cache: Optional[tuple[jax.Array, jax.Array]] = None,
-                 cache_at: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cache_at: Optional[tuple[jax.Array, jax.Array]] = None, kv_extent: Optional[int] = None,
                  key: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Attends the new tokens to the cached ones and themselves.
 
         Args:
             x: ``[B, l, C]`` float32 new tokens.
             attn_bias: ``[l, l_total]`` additive mask (0 / -inf), or None for full attention.
-            cache: Fixed-capacity ``(k, v)`` buffers, each ``[B, capacity, H, hd]`` (`VAR.empty_cache`), with
+            cache: Fixed-capacity ``(k, v)`` buffers, each heads-first ``[B, H, capacity, hd]`` (`VAR.empty_cache`: the
+                layout the attention matmuls read without a transpose of the whole buffer), with
                 `cache_at`; or None (no cache: attend to `x` only).
             cache_at: ``(offset, valid)`` int32 scalars (traced): write this call's k/v at row `offset` of
                 `cache` and attend to its first ``offset + valid`` rows only. Rows of `x` past `valid` are
                 padding (they are written too; later calls overwrite them, no query sees them).
+            kv_extent: Static bound ``>= offset + valid`` (with a cache): attention reads only the first
+                `kv_extent` rows of the buffers (the sampler passes the last row its padded-length group can
+                see, so early scales do not score the whole capacity). None: the whole capacity.
             key: PRNG key enabling dropout (training), or None.
 
         Returns:
             ``(out [B, l, C], (k, v))``: this call's keys and values ``[B, l, H, hd]``, or the updated buffers
-            with a cache.
+            ``[B, H, capacity, hd]`` with a cache.
 
         Raises:
             ValueError: `cache` without `cache_at` or the reverse.
@@ -186,21 +190,27 @@ class SelfAttention(nnx.Module):
             scale_mul = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], MAX_SCALE_MUL))  # [1, H, 1, 1]
             q = l2_normalize(q) * scale_mul.reshape(1, 1, self.num_heads, 1)
             k = l2_normalize(k)
-        if cache is not None:
+        heads_first = cache is not None
+        if heads_first:
             offset, valid = cache_at
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, offset, axis=1)  # [B, capacity, H, hd]
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, offset, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], jnp.swapaxes(k, 1, 2), offset, axis=2)  # [B, H, cap, hd]
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], jnp.swapaxes(v, 1, 2), offset, axis=2)
         mask = None if attn_bias is None else jnp.asarray(attn_bias) == 0  # [l, l_total] True: may attend
-        if cache is not None:
-            visible = (jnp.arange(k.shape[1]) < offset + valid)[None, :]  # [1, capacity]
+        keys, values = k, v
+        if heads_first:
+            if kv_extent is not None:
+                keys, values = k[:, :, :kv_extent], v[:, :, :kv_extent]  # [B, H, extent, hd]
+            visible = (jnp.arange(keys.shape[2]) < offset + valid)[None, :]  # [1, extent]
             mask = visible if mask is None else mask & visible
         attn_key, proj_key = _split(key, 2)
         if attn_key is not None and self.attn_drop_rate > 0:
-            probs = attention.attention_probs(q, k, scale=self.softmax_scale, mask=mask)  # [B, H, l, l_total]
+            probs = attention.attention_probs(q, keys, scale=self.softmax_scale, mask=mask,
+                                              heads_first=heads_first)  # [B, H, l, l_total]
             probs = dropout(probs, self.attn_drop_rate, attn_key)
-            out = jnp.einsum("bhlm,bmhd->blhd", probs, v)
+            out = jnp.einsum("bhlm,bhmd->blhd" if heads_first else "bhlm,bmhd->blhd", probs, values)
         else:
-            out = attention.attend(q, k, v, scale=self.softmax_scale, mask=mask, impl=self.attention_impl)
+            out = attention.attend(q, keys, values, scale=self.softmax_scale, mask=mask,
+                                   impl=self.attention_impl, heads_first=heads_first)
         out = out.reshape(b, l, c)  # [B, l, C]
         return dropout(self.proj(out), self.proj_drop_rate, proj_key), (k, v)
 
@@ -268,13 +278,14 @@ class AdaLNSelfAttn(nnx.Module):
 
     def __call__(self, x: jax.Array, cond: jax.Array, *, attn_bias: Optional[np.ndarray] = None,
                  cache: Optional[tuple[jax.Array, jax.Array]] = None,
-                 cache_at: Optional[tuple[jax.Array, jax.Array]] = None,
+                 cache_at: Optional[tuple[jax.Array, jax.Array]] = None, kv_extent: Optional[int] = None,
                  key: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """``x [B, l, C]`` -> ``(x [B, l, C], (k, v))``; see `SelfAttention` for the cache and mask."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         attn_key, ffn_key, path1_key, path2_key = _split(key, 4)
         h = layer_norm(x, self.norm_eps) * (scale1 + 1) + shift1
-        h, kv = self.attn(h, attn_bias=attn_bias, cache=cache, cache_at=cache_at, key=attn_key)
+        h, kv = self.attn(h, attn_bias=attn_bias, cache=cache, cache_at=cache_at, kv_extent=kv_extent,
+                          key=attn_key)
         x = x + drop_path(h * gamma1, self.drop_path_rate, path1_key)
         h = layer_norm(x, self.norm_eps) * (scale2 + 1) + shift2
         x = x + drop_path(self.ffn(h, ffn_key) * gamma2, self.drop_path_rate, path2_key)
@@ -473,7 +484,8 @@ class VAR(nnx.Module):
         return self.get_logits(x, cond_BD)
 
     def forward_cached(self, x_BlC: jax.Array, cond_BD: jax.Array, cache: Optional[KVCache] = None,
-                       cache_at: Optional[tuple[jax.Array, jax.Array]] = None) -> tuple[jax.Array, KVCache]:
+                       cache_at: Optional[tuple[jax.Array, jax.Array]] = None,
+                       kv_extent: Optional[int] = None) -> tuple[jax.Array, KVCache]:
         """Runs the blocks on one scale's tokens with a KV cache (inference, no mask).
 
         Args:
@@ -482,6 +494,7 @@ class VAR(nnx.Module):
             cache: Fixed-capacity buffers (`empty_cache`, then what the previous scale returned).
             cache_at: ``(offset, valid)`` of this scale: see `SelfAttention` (one program then serves every scale
                 whose padded length is ``l``).
+            kv_extent: Static number of cache rows attention reads (``>= offset + valid``; None: all).
 
         Returns:
             ``(h [B, l, C] final hidden states, cache including these tokens)``; feed ``h`` to `get_logits`.
@@ -489,16 +502,17 @@ class VAR(nnx.Module):
         cond = self.block_condition(cond_BD)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x_BlC, kv = block(x_BlC, cond, cache=None if cache is None else cache[i], cache_at=cache_at)
+            x_BlC, kv = block(x_BlC, cond, cache=None if cache is None else cache[i], cache_at=cache_at,
+                              kv_extent=kv_extent)
             new_cache.append(kv)
         return x_BlC, tuple(new_cache)
 
     def empty_cache(self, batch: int, capacity: int) -> KVCache:
         """Zero fixed-capacity KV buffers for `forward_cached` with ``cache_at``: per block ``(k, v)``, each
-        ``[batch, capacity, H, head_dim]`` float32."""
+        heads-first ``[batch, H, capacity, head_dim]`` float32."""
         cache = []
         for block in self.blocks:
-            shape = (batch, capacity, block.attn.num_heads, block.attn.head_dim)
+            shape = (batch, block.attn.num_heads, capacity, block.attn.head_dim)
             cache.append((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)))
         return tuple(cache)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Union
@@ -43,8 +44,6 @@ from flax import nnx
 from bitlaws import checkpoint, configlib
 from bitlaws.port import mapping
 from bitlaws.port.reader import read_state_dict
-from bitlaws.port.tables import llamagen as llamagen_table, llamagen_vq as llamagen_vq_table
-from bitlaws.port.tables import mar as mar_table, mar_vae as mar_vae_table
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -187,6 +186,22 @@ def _build_inception(ctor):
     return FIDInceptionV3(nnx.Rngs(0))
 
 
+def _table(name: str, attr: str) -> Callable[..., Any]:
+    """``bitlaws.port.tables.<name>.<attr>``, imported on first call (a kind's models load only when used)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"bitlaws.port.tables.{name}"), attr)(*args, **kwargs)
+
+    return call
+
+
+def _table_kind(name: str, ctor_fn: Callable[[ml_collections.ConfigDict], dict], config: Optional[str] = None,
+                **kw) -> Kind:
+    """A `Kind` whose port, build and model class come from ``bitlaws.port.tables.<name>`` (lazily)."""
+    return Kind(ctor_fn, _table(name, "port_kind"), _table(name, "build"), config,
+                model_class=_table(name, "model_class"), **kw)
+
+
 KINDS: dict[str, Kind] = {
     "var": Kind(_var_ctor, _port_var, _build_var, sections=("var", "vqvae"), model_class=_var_class),
     "vqvae": Kind(lambda c: model_ctor(c.vqvae), _port_vqvae, _build_vqvae, sections=("vqvae",),
@@ -194,17 +209,15 @@ KINDS: dict[str, Kind] = {
     "dit": Kind(lambda c: model_ctor(c.model), _port_dit, _build_dit, sections=("model",), model_class=_dit_class),
     "vae": Kind(lambda c: model_ctor(c.model), _port_vae, _build_vae, str(REPO_CONFIGS / "sd_vae_ft_ema.py"),
                 sections=("model",), model_class=_vae_class),
-    "llamagen": Kind(llamagen_table.ctor_from_config, llamagen_table.port_kind, llamagen_table.build, "",
-                     sections=("gpt",), model_class=llamagen_table.model_class, default_key="model"),
-    "llamagen_vq": Kind(llamagen_vq_table.ctor_from_config, llamagen_vq_table.port_kind, llamagen_vq_table.build,
-                        str(REPO_CONFIGS / "llamagen_vq16.py"), sections=("vq",),
-                        model_class=llamagen_vq_table.model_class, default_key="model"),
+    "llamagen": _table_kind("llamagen", _table("llamagen", "ctor_from_config"), "", sections=("gpt",),
+                            default_key="model"),
+    "llamagen_vq": _table_kind("llamagen_vq", _table("llamagen_vq", "ctor_from_config"),
+                               str(REPO_CONFIGS / "llamagen_vq16.py"), sections=("vq",), default_key="model"),
     "inception": Kind(lambda c: {}, _port_inception, _build_inception, ""),
-    "mar": Kind(lambda c: model_ctor(c.model), mar_table.port_kind, mar_table.build, sections=("model",),
-                model_class=mar_table.model_class, default_key=mar_table.DEFAULT_KEY),
-    "mar_vae": Kind(lambda c: model_ctor(c.model), mar_vae_table.port_kind, mar_vae_table.build,
-                    str(REPO_CONFIGS / "mar_vae_kl16.py"), sections=("model",), model_class=mar_vae_table.model_class,
-                    default_key=mar_vae_table.DEFAULT_KEY),
+    # default_key: the tables' DEFAULT_KEY (tests/port/test_convert.py checks they agree).
+    "mar": _table_kind("mar", lambda c: model_ctor(c.model), sections=("model",), default_key="model_ema"),
+    "mar_vae": _table_kind("mar_vae", lambda c: model_ctor(c.model), str(REPO_CONFIGS / "mar_vae_kl16.py"),
+                           sections=("model",), default_key="model"),
 }
 
 

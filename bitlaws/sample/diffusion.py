@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bitlaws.sample import draws
-from bitlaws.sample.xla_options import SAMPLER_OPTIONS
+from bitlaws.xla_options import COMPILER_OPTIONS
 
 ModelFn = Callable[..., jax.Array]
 
@@ -342,7 +342,7 @@ class GaussianDiffusion:
 
             if len(self._compiled) >= _MAX_COMPILED_LOOPS:
                 self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[cache_key] = jax.jit(loop, compiler_options=SAMPLER_OPTIONS)
+            self._compiled[cache_key] = jax.jit(loop, compiler_options=COMPILER_OPTIONS)
         return self._compiled[cache_key], model_state
 
     def _run(self, kind: str, model_fn: ModelFn, shape: Sequence[int], noise: Optional[jax.Array],

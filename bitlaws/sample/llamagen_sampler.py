@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitlaws.models.llamagen import LlamaGen
-from bitlaws.sample.var_sampler import mask_top_k_top_p
-from bitlaws.sample.xla_options import SAMPLER_OPTIONS
+from bitlaws.sample.var_sampler import largest_accepted_key, mask_top_k_top_p, ordered_keys
+from bitlaws.xla_options import COMPILER_OPTIONS
 
 
 class LlamaGenSamples(NamedTuple):
@@ -55,7 +55,8 @@ def mask_top_p(logits: jax.Array, top_p: float) -> jax.Array:
     """Nucleus filtering with upstream's (HuggingFace) rule; ``top_p >= 1`` leaves `logits` unchanged.
 
     Sorted descending, token i is kept when the cumulative probability of the tokens before it is <= ``top_p``
-    (the largest is always kept); the kept set is the logits at or above the last kept one's value.
+    (the largest is always kept); the kept set is the logits at or above the last kept one's value: the largest
+    ``t`` whose mass at or above exceeds ``top_p``, found without a sort (`var_sampler.largest_accepted_key`).
 
     Args:
         logits: ``[..., V]`` float32 (may hold -inf).
@@ -66,11 +67,13 @@ def mask_top_p(logits: jax.Array, top_p: float) -> jax.Array:
     """
     if top_p >= 1.0:
         return logits
-    values = jax.lax.top_k(logits, logits.shape[-1])[0]  # [..., V] descending
-    cumulative = jnp.cumsum(jax.nn.softmax(values, axis=-1), axis=-1)  # [..., V]
-    count = 1 + jnp.sum(cumulative[..., :-1] <= top_p, axis=-1, keepdims=True)  # [..., 1] kept
-    threshold = jnp.take_along_axis(values, count - 1, axis=-1)  # [..., 1]
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    keys = ordered_keys(logits)  # [..., V]
+    probs = jax.nn.softmax(logits, axis=-1)
+    limit = jnp.float32(top_p)
+    threshold = largest_accepted_key(
+        lambda t: jnp.sum(jnp.where(keys >= t, probs, 0.0), axis=-1, keepdims=True) > limit,
+        logits.shape[:-1] + (1,))
+    return jnp.where(keys >= threshold, logits, -jnp.inf)
 
 
 def sampling_probs(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -105,7 +108,7 @@ def _check(model: LlamaGen, labels, num_tokens: int, top_k: int, top_p: float, e
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "cfg_scale", "cfg_interval", "temperature",
                                              "top_k", "top_p", "sample_logits", "return_logits"),
-                   compiler_options=SAMPLER_OPTIONS)
+                   compiler_options=COMPILER_OPTIONS)
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, labels: jax.Array, key: jax.Array,
               exp_noise: Optional[jax.Array], forced_tokens: Optional[jax.Array], *, num_tokens: int,
               cfg_scale: float, cfg_interval: int, temperature: float, top_k: int, top_p: float,

@@ -41,7 +41,7 @@ from bitlaws.models.mar_diffloss import SimpleMLPAdaLN
 from bitlaws.models.mar_vae import LATENT_SCALE
 from bitlaws.sample import draws
 from bitlaws.sample.diffusion import GaussianDiffusion, create_diffusion
-from bitlaws.sample.xla_options import SAMPLER_OPTIONS
+from bitlaws.xla_options import COMPILER_OPTIONS
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -194,7 +194,7 @@ def _gather_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "diffusion", "guided", "counts", "replay",
                                              "return_steps", "clip_denoised", "clamp_variance"),
-                   compiler_options=SAMPLER_OPTIONS)
+                   compiler_options=COMPILER_OPTIONS)
 def _sample_loop(graphdef, state, labels, orders, schedule, init_noise, step_noise, key, temperature, *,
                  diffusion: GaussianDiffusion, guided: bool, counts: tuple[int, ...], replay: bool,
                  return_steps: bool, clip_denoised: bool = False, clamp_variance: bool = False):

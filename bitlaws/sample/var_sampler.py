@@ -25,9 +25,9 @@ import numpy as np
 from flax import nnx
 
 from bitlaws.models.var import VAR, KVCache, scale_bounds
-from bitlaws.sample import draws
+from bitlaws.sample import ahead, draws
 from bitlaws.sample.perturbation import Perturbation, apply_perturbation
-from bitlaws.sample.xla_options import SAMPLER_OPTIONS
+from bitlaws.xla_options import COMPILER_OPTIONS
 
 
 class VARSamples(NamedTuple):
@@ -48,18 +48,46 @@ class VARSamples(NamedTuple):
     f_hats: list[jax.Array]
 
 
+def ordered_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with the order of the float32 values ``x`` (``-inf`` lowest, ``+inf`` highest; -0 < +0)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def largest_accepted_key(accept, shape: tuple[int, ...]) -> jax.Array:
+    """The largest uint32 ``t`` (per row) with ``accept(t)``, for a predicate true on a down-set containing 0.
+
+    Builds ``t`` bit by bit from the top, 32 fixed steps (`jax.lax.fori_loop`): exact, no sort, one pass over the
+    rows per step.
+
+    Args:
+        accept: ``[..., 1] uint32 -> [..., 1] bool``, monotone (true at ``t`` implies true below ``t``).
+        shape: ``[..., 1]`` shape of the result.
+
+    Returns:
+        ``[..., 1]`` uint32.
+    """
+    def step(i, t):
+        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(accept(candidate), candidate, t)
+
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros(shape, jnp.uint32))
+
+
 def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
     """Sets logits outside the top-k and the top-p nucleus to -inf (upstream order: top-k first).
 
-    Both filters keep the logits at or above one threshold per row, found with a single `jax.lax.top_k` (a partial
-    sort of k values; the whole row only for top-p without top-k): top-k's threshold is the k-th largest logit;
-    top-p (over the top-k survivors, renormalised) keeps the largest logits up to and including the first whose
-    preceding probability mass reaches ``top_p``. That is upstream's rule (sort ascending, drop the tokens whose
-    cumulative probability is <= ``1 - top_p``, never the largest) on the k sorted survivors, with the cumulative
-    sums taken in upstream's order, so it needs neither the full ascending sort nor the inverse permutation.
-    `mask_top_k_top_p_reference` is the literal form; they keep the same tokens except where a float rounding of
-    the softmax normaliser or exactly tied logits decide (``benchmarks/top_k_top_p.py``: identical at every scale
-    of VAR-d16, 2.2x faster).
+    Both filters keep the logits at or above one threshold per row, found without sorting by a bitwise search
+    over the float32 order (`largest_accepted_key`: 32 counting passes over the row). Top-k's threshold is the
+    k-th largest logit (exact; ties with it kept). Top-p (over the top-k survivors, renormalised) applies
+    upstream's rule - sort ascending, drop the tokens whose cumulative probability is <= ``1 - top_p``, never
+    the largest - as: keep every logit ``v`` for which the probability of the logits ``<= v`` exceeds
+    ``1 - top_p``; the threshold is the largest ``t`` whose mass strictly below is ``<= 1 - top_p``.
+    `mask_top_k_top_p_reference` is the literal form (two sorts); they keep the same tokens except where the
+    order of a float sum or exactly tied logits decide (a token whose cumulative mass equals ``1 - top_p`` to
+    the last bit). The sort-based form spent 3 s of a VAR-d16 batch-8 sample's last scale in XLA:CPU's sort;
+    this one ~0.2 s (docs/benchmarks.md).
 
     Args:
         logits: ``[..., V]`` float32.
@@ -72,18 +100,18 @@ def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> j
     vocab = logits.shape[-1]
     if top_k <= 0 and top_p <= 0:
         return logits
-    k = min(int(top_k), vocab) if top_k > 0 else vocab
-    values, indices = jax.lax.top_k(logits, k)  # [..., k] descending
-    threshold = values[..., -1:]  # [..., 1]: the k-th largest
+    keys = ordered_keys(logits)  # [..., V]
+    shape = logits.shape[:-1] + (1,)
+    threshold = jnp.zeros(shape, jnp.uint32)  # keep all
+    if 0 < top_k < vocab:
+        k = int(top_k)
+        threshold = largest_accepted_key(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k, shape)
     if top_p > 0:
-        kept = jnp.where(logits >= threshold, logits, -jnp.inf)  # top-k survivors (ties included)
-        probs = jnp.take_along_axis(jax.nn.softmax(kept, axis=-1), indices, axis=-1)  # [..., k] descending
-        # Upstream's ascending cumulative sum, summed in upstream's order (smallest first; the masked tokens
-        # upstream sums first are exact zeros), so that the comparison rounds the same way.
-        ascending = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), axis=-1), -1)  # [..., k]
-        count = jnp.maximum(jnp.sum(ascending > 1.0 - top_p, axis=-1, keepdims=True), 1)  # [..., 1] kept by top-p
-        threshold = jnp.maximum(threshold, jnp.take_along_axis(values, count - 1, axis=-1))
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+        probs = jax.nn.softmax(jnp.where(keys >= threshold, logits, -jnp.inf), axis=-1)  # top-k survivors
+        limit = jnp.float32(1.0 - top_p)
+        threshold = largest_accepted_key(
+            lambda t: jnp.sum(jnp.where(keys < t, probs, 0.0), axis=-1, keepdims=True) <= limit, shape)
+    return jnp.where(keys >= threshold, logits, -jnp.inf)
 
 
 def mask_top_k_top_p_reference(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
@@ -175,6 +203,33 @@ def scale_lengths(patch_nums: Sequence[int], padding: float = DEFAULT_PADDING) -
     return tuple(padded)
 
 
+def kv_extents(patch_nums: Sequence[int], lengths: Sequence[int]) -> tuple[int, ...]:
+    """Per scale, how many KV-cache rows its attention reads: the end of the last scale padded to its length.
+
+    Scales that share a padded length share a compiled program, so the bound is static per program and covers
+    every scale of the group; early scales then score ~100 keys instead of the whole capacity (680 for VAR-d16).
+    """
+    ends = [end for _, end in scale_bounds(patch_nums)]
+    return tuple(max(e for e, other in zip(ends, lengths) if other == length) for length in lengths)
+
+
+AUTO_PADDING_BLOCK_PARAMS = 20_000_000
+"""`auto_padding`: transformers whose blocks hold at least this many weights (``12 depth C^2``) pad nothing."""
+
+
+def auto_padding(var: VAR) -> float:
+    """The `scale_lengths` padding for `var`: `DEFAULT_PADDING` for small models, 0 for large ones.
+
+    Padding trades compute for compilations. For the demo's sub-million-parameter models compiling a program
+    costs more than running it, so scales share programs; for a released VAR (VAR-d16: 16 blocks of width 1024,
+    0.4 GFLOP per token row) the padding rows cost more on every call than the extra compilations once (d16,
+    batch 8, 2-core CPU: 841 padded rows instead of 680; docs/benchmarks.md). Decided from the architecture
+    (``12 depth C^2`` block weights >= `AUTO_PADDING_BLOCK_PARAMS`), so float, fake-quantized and packed
+    variants of one model pad alike.
+    """
+    return 0.0 if 12 * var.depth * var.embed_dim ** 2 >= AUTO_PADDING_BLOCK_PARAMS else DEFAULT_PADDING
+
+
 def rows_independent(model: nnx.Module) -> bool:
     """Whether padding rows that repeat a real row leave the real rows' outputs unchanged.
 
@@ -189,11 +244,11 @@ def rows_independent(model: nnx.Module) -> bool:
     return True
 
 
-@functools.partial(jax.jit, static_argnames=("var_def",), donate_argnames=("cache",),
-                   compiler_options=SAMPLER_OPTIONS)
-def _scale_logits(var_def: nnx.GraphDef, var_state: nnx.State, rows: jax.Array, cond_BD: jax.Array,
-                  cache: KVCache, guidance: jax.Array, offset: jax.Array,
-                  valid: jax.Array) -> tuple[jax.Array, KVCache]:
+@functools.partial(jax.jit, static_argnames=("var_def", "kv_extent"), donate_argnames=("cache",),
+                   compiler_options=COMPILER_OPTIONS)
+def _scale_logits(var_state: nnx.State, rows: jax.Array, cond_BD: jax.Array, cache: KVCache, guidance: jax.Array,
+                  offset: jax.Array, valid: jax.Array, *, var_def: nnx.GraphDef,
+                  kv_extent: Optional[int] = None) -> tuple[jax.Array, KVCache]:
     """The transformer's part of one scale: input rows -> CFG-combined logits (the only per-model program).
 
     The scale is given by traced ``(offset, valid)``, so one compilation serves every scale padded to the same
@@ -208,22 +263,24 @@ def _scale_logits(var_def: nnx.GraphDef, var_state: nnx.State, rows: jax.Array, 
         guidance: ``[2]`` float32 ``(1 + t, t)``.
         offset: int32 index of the scale's first token in the whole sequence.
         valid: int32 ``pn**2``.
+        kv_extent: Cache rows attention reads: the last token any scale of this padded length sees
+            (`kv_extents`; None: the whole capacity).
 
     Returns:
         ``(guided logits [B, l, V] float32 (rows past `valid` are padding), updated cache)``.
     """
     var = nnx.merge(var_def, var_state)
     x_BlC = var.padded_scale_tokens(rows, cond_BD, offset, valid)  # [2B, l, C]
-    h_BlC, cache = var.forward_cached(x_BlC, cond_BD, cache, cache_at=(offset, valid))
+    h_BlC, cache = var.forward_cached(x_BlC, cond_BD, cache, cache_at=(offset, valid), kv_extent=kv_extent)
     logits_2BlV = var.get_logits(h_BlC, cond_BD)  # [2B, l, V]
     batch = logits_2BlV.shape[0] // 2
     return guidance[0] * logits_2BlV[:batch] - guidance[1] * logits_2BlV[batch:], cache
 
 
 @functools.partial(jax.jit, static_argnames=("vae_def", "patch_nums", "si", "next_length", "top_k", "top_p",
-                                             "more_smooth"), compiler_options=SAMPLER_OPTIONS)
-def _scale_tokens_to_codes(vae_def: nnx.GraphDef, vae_state: nnx.State, guided: jax.Array, f_hat: jax.Array,
-                           key: jax.Array, *, patch_nums: tuple[int, ...], si: int, next_length: int,
+                                             "more_smooth"), compiler_options=COMPILER_OPTIONS)
+def _scale_tokens_to_codes(vae_state: nnx.State, guided: jax.Array, f_hat: jax.Array, key: jax.Array, *,
+                           vae_def: nnx.GraphDef, patch_nums: tuple[int, ...], si: int, next_length: int,
                            top_k: int, top_p: float, more_smooth: bool):
     """The tokenizer's part of one scale: guided logits -> tokens -> f_hat and the next scale's input rows.
 
@@ -269,7 +326,7 @@ def _scale_tokens_to_codes(vae_def: nnx.GraphDef, vae_state: nnx.State, guided: 
 
 
 @functools.partial(jax.jit, static_argnames=("var_def", "first_length", "capacity"),
-                   compiler_options=SAMPLER_OPTIONS)
+                   compiler_options=COMPILER_OPTIONS)
 def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.Array, *, first_length: int,
                    capacity: int) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
     """``labels [2B]`` -> ``(cond_BD [2B, D], rows [B, first_length, Cvae] zeros, empty cache, f_hat zeros)``.
@@ -284,9 +341,10 @@ def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.A
             var.empty_cache(2 * batch, capacity), jnp.zeros((batch, side, side, var.Cvae), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("vae_def",), compiler_options=SAMPLER_OPTIONS)
-def _decode(vae_def: nnx.GraphDef, vae_state: nnx.State, f_hat: jax.Array) -> jax.Array:
-    """``f_hat [B, h, w, Cvae]`` -> images ``[B, H, W, 3]`` in [0, 1]."""
+@functools.partial(jax.jit, static_argnames=("vae_def",), compiler_options=COMPILER_OPTIONS)
+def decode_f_hat(vae_state: nnx.State, f_hat: jax.Array, *, vae_def: nnx.GraphDef) -> jax.Array:
+    """``f_hat [B, h, w, Cvae]`` -> images ``[B, H, W, 3]`` in [0, 1] (the sampler's decode program; ``vae_def,
+    vae_state = nnx.split(vae)``)."""
     vae = nnx.merge(vae_def, vae_state)
     return (vae.fhat_to_img(f_hat) + 1.0) * 0.5
 
@@ -307,8 +365,9 @@ def _labels(var: VAR, batch: int, label_B: Union[None, int, Sequence[int], jax.A
 def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None, int, Sequence[int], jax.Array],
                              key: jax.Array, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                              more_smooth: bool = False, return_logits: bool = False,
-                             padding: float = DEFAULT_PADDING,
-                             perturb_logits: Optional[Perturbation] = None) -> Union[jax.Array, VARSamples]:
+                             padding: Optional[float] = None,
+                             perturb_logits: Optional[Perturbation] = None,
+                             compile_ahead: bool = True) -> Union[jax.Array, VARSamples]:
     """Generates class-conditional images with VAR (upstream ``autoregressive_infer_cfg``).
 
     Args:
@@ -326,12 +385,16 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
             visual-quality option, not used for FID).
         return_logits: Also return the per-scale tokens and guided logits.
         padding: Allowed fraction of padding rows when scales share the transformer's compiled program
-            (`scale_lengths`; 0: one program per distinct scale length). Padding changes no real token's
+            (`scale_lengths`; 0: one program per distinct scale length; None: `auto_padding`, by model size).
+            Padding changes no real token's
             value beyond float reassociation (rows are independent), except that it is turned off for models
             whose dynamic per-tensor activation calibrator would see the padding (`rows_independent`).
         perturb_logits: Optional `Perturbation` ``(si, guided [B, l, V])`` applied to every scale's padded guided
             logits before sampling
             (the error analyses inject noise there, `bitlaws.analysis`); None draws exactly as without it.
+        compile_ahead: Compile every scale's programs concurrently, ahead of use (`bitlaws.sample.ahead`: the
+            first call of a large VAR no longer compiles ~20 programs in series); only for eager calls (inside
+            an outer `jit`/`vmap` the programs are traced instead). The same executables either way.
 
     Returns:
         ``[B, H, W, 3]`` float32 images in [0, 1], or a `VARSamples` (with the per-scale tokens, logits and
@@ -347,25 +410,53 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
 
     var_def, var_state = nnx.split(var)
     vae_def, vae_state = nnx.split(vae)
+    if padding is None:
+        padding = auto_padding(var)
     lengths = scale_lengths(patch_nums, padding if rows_independent(var) else 0.0)
+    extents = kv_extents(patch_nums, lengths)
     bounds = scale_bounds(patch_nums)
     capacity = max(begin + length for (begin, _), length in zip(bounds, lengths))
     cond_BD, rows, cache, f_hat = _initial_state(var_def, var_state, labels_2B, first_length=lengths[0],
                                                  capacity=capacity)
+
+    def logits_program(si):
+        static = {"var_def": var_def, "kv_extent": extents[si]}
+        begin, end = bounds[si]
+        return static, (_guidance_weights(cfg, si, num_scales), np.int32(begin), np.int32(end - begin))
+
+    def tokens_program(si):
+        return {"vae_def": vae_def, "patch_nums": patch_nums, "si": si, "top_k": int(top_k), "top_p": float(top_p),
+                "next_length": lengths[min(si + 1, num_scales - 1)], "more_smooth": bool(more_smooth)}
+
+    programs = None
+    if compile_ahead and not ahead.is_traced((var_state, vae_state, cond_BD, scale_keys)):
+        programs = ahead.Programs()
+        var_spec, vae_spec, cond_spec, cache_spec, f_hat_spec = ahead.abstract(
+            (var_state, vae_state, cond_BD, cache, f_hat))
+        jobs = []
+        for si, length in enumerate(lengths):
+            rows_spec = jax.ShapeDtypeStruct((B, length, rows.shape[-1]), rows.dtype, sharding=rows.sharding)
+            guided_spec = jax.ShapeDtypeStruct((B, length, var.vocab_size), jnp.float32, sharding=rows.sharding)
+            static, scalars = logits_program(si)
+            jobs.append((_scale_logits, static, (var_spec, rows_spec, cond_spec, cache_spec) + scalars))
+            jobs.append((_scale_tokens_to_codes, tokens_program(si),
+                         (vae_spec, guided_spec, f_hat_spec, ahead.abstract(scale_keys[si]))))
+        jobs.append((decode_f_hat, {"vae_def": vae_def}, (vae_spec, f_hat_spec)))
+        programs.prepare(jobs)
+    run = programs.call if programs is not None else (lambda fn, static, dynamic: fn(*dynamic, **static))
+
     tokens, guided_logits, f_hats = [], [], []
-    for si, ((begin, end), length) in enumerate(zip(bounds, lengths)):
-        guided, cache = _scale_logits(var_def, var_state, rows, cond_BD, cache,
-                                      _guidance_weights(cfg, si, num_scales), np.int32(begin), np.int32(end - begin))
+    for si in range(num_scales):
+        static, scalars = logits_program(si)
+        guided, cache = run(_scale_logits, static, (var_state, rows, cond_BD, cache) + scalars)
         if perturb_logits is not None:
             guided = apply_perturbation(perturb_logits, si, guided, "perturb_logits")
-        idx, guided, f_hat, rows = _scale_tokens_to_codes(
-            vae_def, vae_state, guided, f_hat, scale_keys[si], patch_nums=patch_nums, si=si,
-            next_length=lengths[min(si + 1, num_scales - 1)], top_k=int(top_k), top_p=float(top_p),
-            more_smooth=bool(more_smooth))
+        idx, guided, f_hat, rows = run(_scale_tokens_to_codes, tokens_program(si),
+                                       (vae_state, guided, f_hat, scale_keys[si]))
         tokens.append(idx)
         guided_logits.append(guided)
         f_hats.append(f_hat)
-    images = _decode(vae_def, vae_state, f_hat)
+    images = run(decode_f_hat, {"vae_def": vae_def}, (vae_state, f_hat))
     if return_logits:
         return VARSamples(images, tokens, guided_logits, f_hats)
     return images

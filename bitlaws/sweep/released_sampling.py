@@ -48,6 +48,7 @@ from bitlaws.sample import draws, mar_sampler
 from bitlaws.sample.diffusion import create_diffusion, decode_latents
 from bitlaws.sample.llamagen_sampler import generate
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg
+from bitlaws.xla_options import COMPILER_OPTIONS
 
 LABEL_ORDERS = ("cyclic", "blocks")
 FAMILIES = ("var", "dit", "llamagen", "mar")
@@ -98,7 +99,7 @@ def _diffusion(respacing: str):
 @functools.lru_cache(maxsize=8)
 def _decoder_call(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """``jit((state, latents [B, h, w, C]) -> images [B, H, W, 3])`` of an SD-VAE graph (no scaling, no clamp)."""
-    return jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z))
+    return jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z), compiler_options=COMPILER_OPTIONS)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "order", "per_class"))
@@ -121,13 +122,14 @@ def _vq_decoder_call(graphdef: nnx.GraphDef, grid: int, size: int) -> Callable[[
             images = bicubic_resize(images, (size, size))
         return dit_to_uint8(images)
 
-    return jax.jit(decode)
+    return jax.jit(decode, compiler_options=COMPILER_OPTIONS)
 
 
 @functools.lru_cache(maxsize=8)
 def _mar_decoder_call(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """``jit((state, tokens [B, h, w, C]) -> uint8 [B, H, W, 3])`` of MAR's KL VAE (``decode(tokens / 0.2325)``)."""
-    return jax.jit(lambda state, tokens: mar_to_uint8(mar_sampler.decode_tokens(nnx.merge(graphdef, state), tokens)))
+    return jax.jit(lambda state, tokens: mar_to_uint8(mar_sampler.decode_tokens(nnx.merge(graphdef, state), tokens)),
+                   compiler_options=COMPILER_OPTIONS)
 
 
 def _var_one(var: nnx.Module, vae: nnx.Module, protocol: Mapping[str, Any]) -> Callable:

@@ -160,7 +160,7 @@ def test_kv_cache_matches_teacher_forcing(shared_aln):
     teacher, incremental, cache = _teacher_and_incremental(model, labels, x_1LCv)
     assert teacher.shape == (batch, length, TINY["vocab_size"])
     assert len(cache) == TINY["depth"]
-    assert cache[0][0].shape == (batch, length, TINY["num_heads"], TINY["embed_dim"] // TINY["num_heads"])
+    assert cache[0][0].shape == (batch, TINY["num_heads"], length, TINY["embed_dim"] // TINY["num_heads"])
     assert float(jnp.std(teacher)) > 1e-2
     np.testing.assert_allclose(incremental, teacher, rtol=1e-5, atol=1e-5 * float(jnp.abs(teacher).max()))
 

@@ -109,3 +109,19 @@ def test_port_errors_are_clear(tmp_path, capsys, manifest):
 
 def test_the_command_line_offers_every_kind():
     assert set(cli.PORT_KINDS) == set(convert.KINDS)
+
+
+def test_lazy_table_kinds_agree_with_their_tables():
+    """The LlamaGen/MAR kinds import their tables (and models) only when used; their default keys match the tables'."""
+    import importlib
+    import subprocess
+    import sys
+
+    code = ("import sys; from bitlaws.port import convert; "
+            "print(any(m.startswith(('bitlaws.models.mar', 'bitlaws.models.llamagen')) for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip() == "False"
+    for kind in ("mar", "mar_vae"):
+        table = importlib.import_module(f"bitlaws.port.tables.{kind}")
+        assert convert.KINDS[kind].default_key == table.DEFAULT_KEY
+        assert convert.KINDS[kind].model_class() is table.model_class()

@@ -55,9 +55,9 @@ def model_and_tokenizer():
     return model, StubTokenizer(TINY["vocab_size"], TINY["Cvae"], patch_nums, rngs=nnx.Rngs(1))
 
 
-def _sample(model, vae, padding):
+def _sample(model, vae, padding, compile_ahead=True):
     return autoregressive_infer_cfg(model, vae, B=3, label_B=[0, 2, 4], key=jax.random.key(3), cfg=1.5, top_k=8,
-                                    top_p=0.9, return_logits=True, padding=padding)
+                                    top_p=0.9, return_logits=True, padding=padding, compile_ahead=compile_ahead)
 
 
 def test_padding_changes_no_real_token(model_and_tokenizer):
@@ -73,12 +73,54 @@ def test_padding_changes_no_real_token(model_and_tokenizer):
 
 def test_one_compilation_per_padded_length(model_and_tokenizer):
     model, vae = model_and_tokenizer
-    var_sampler._scale_logits.clear_cache()
     for padding, programs in ((100.0, 1), (0.0, 4)):
         var_sampler._scale_logits.clear_cache()
-        _sample(model, vae, padding)
-        _sample(model, vae, padding)  # a second call compiles nothing new (program outputs only as inputs)
+        _sample(model, vae, padding, compile_ahead=False)
+        _sample(model, vae, padding, compile_ahead=False)  # a second call compiles nothing new
         assert var_sampler._scale_logits._cache_size() == programs
+
+
+def test_compiled_ahead_same_samples_same_program_count(model_and_tokenizer):
+    """`compile_ahead` (concurrent ahead-of-time compilation) gives bit-identical samples, compiles one transformer
+    program per padded length, and a second call compiles nothing."""
+    from bitlaws.sample import ahead
+
+    model, vae = model_and_tokenizer
+    for padding, programs in ((100.0, 1), (0.0, 4)):
+        ahead.clear()
+        var_sampler._scale_logits.clear_cache()
+        first = _sample(model, vae, padding)
+        held = [key for key in ahead._EXECUTABLES if key[0] is var_sampler._scale_logits]
+        assert len(held) == programs
+        count = len(ahead._EXECUTABLES)
+        assert count == 2 * len(model.patch_nums) + 1 - (len(model.patch_nums) - programs)  # + tokens + decode
+        second = _sample(model, vae, padding)
+        assert len(ahead._EXECUTABLES) == count
+        assert var_sampler._scale_logits._cache_size() == 0  # every call went to the executables compiled ahead
+        plain = _sample(model, vae, padding, compile_ahead=False)
+        for out in (second, plain):
+            np.testing.assert_array_equal(np.asarray(out.images), np.asarray(first.images))
+            for a, b in zip(out.tokens, first.tokens):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ahead_falls_back_to_the_jitted_call():
+    """A program whose executable is not held, or whose compilation failed, runs (or raises) through `jax.jit`."""
+    from bitlaws.sample import ahead
+
+    @jax.jit
+    def double(x):
+        return 2 * x
+
+    @jax.jit
+    def bad(x):
+        return x @ x  # a rank-1 input of length 3 works; the spec below (shape (2, 3)) fails to lower
+
+    programs = ahead.Programs()
+    assert programs.prepare([(bad, {}, (jax.ShapeDtypeStruct((2, 3), jnp.float32),))]) == 1
+    with pytest.raises(TypeError):
+        programs.call(bad, {}, (jnp.ones((2, 3)),))
+    np.testing.assert_array_equal(np.asarray(programs.call(double, {}, (jnp.arange(3),))), [0, 2, 4])
 
 
 def test_padding_off_when_a_per_tensor_calibrator_would_see_it(model_and_tokenizer):
@@ -110,3 +152,23 @@ def test_one_threshold_masking_equals_the_literal_upstream_masking(vocab):
             reference = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p_reference(logits, top_k, 0.999)))
             probs = np.asarray(jax.nn.softmax(logits, axis=-1))
             assert probs[ours != reference].max(initial=0.0) < 1e-4
+
+
+def test_ordered_keys_follow_the_float_order():
+    values = np.array([-np.inf, -3e38, -1.5, -1e-30, -0.0, 0.0, 1e-45, 1e-30, 2.0, 3e38, np.inf], np.float32)
+    keys = np.asarray(var_sampler.ordered_keys(jnp.asarray(values))).astype(np.int64)
+    assert np.all(np.diff(keys) > 0)
+
+
+def test_bitwise_search_finds_the_kth_largest_exactly():
+    """`largest_accepted_key` with a counting predicate returns the k-th largest value of each row, ties included."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 300)).astype(np.float32) * np.array([[1e-20], [1.0], [1e3], [1e30], [1.0]],
+                                                                     np.float32)
+    logits[4, :100] = 0.5  # ties
+    keys = var_sampler.ordered_keys(jnp.asarray(logits))
+    for k in (1, 7, 150, 300):
+        found = var_sampler.largest_accepted_key(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k,
+                                                 (5, 1))
+        expected = np.sort(np.asarray(keys), axis=-1)[:, ::-1][:, k - 1:k]
+        np.testing.assert_array_equal(np.asarray(found), expected)
