@@ -51,6 +51,7 @@ def test_ported_subjects_follow_the_release_protocol(ported):
         subjects.quantized(var, subjects.Precision("W4A16", "int", "gptq"))
 
 
+@pytest.mark.slow  # 12-42 s; moved out of the default suite to keep it under ~15 min
 def test_analyze_ported_models_from_the_command_line(ported, tmp_path):
     common = ["--models", "", "--var", ported["var"], ported["vqvae"], "--dit", ported["dit"], ported["vae"],
               "--dit-respacing", "5", "--n", "2", "--out", str(tmp_path)]

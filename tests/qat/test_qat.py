@@ -102,6 +102,7 @@ def test_train_quantized_touches_only_the_quantized_kernels():
     assert not np.array_equal(run.result.kernels["fc1"], model.fc1.kernel[...])
 
 
+@pytest.mark.slow  # 12-42 s; moved out of the default suite to keep it under ~15 min
 def test_lsq_learns_the_step_sizes_and_packs_what_it_trained():
     from bitlaws.quant import materialize_result  # pylint: disable=g-import-not-at-top
 

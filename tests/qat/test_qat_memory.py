@@ -5,6 +5,7 @@ gradients, and QAT hands the trainer the model's own arrays (no host copy of the
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from bitlaws.models import var as var_module
@@ -32,6 +33,7 @@ def _compiled_grad(model, labels, x, key=None):
     return jax.jit(jax.value_and_grad(loss)).lower(params).compile(), params
 
 
+@pytest.mark.slow  # 12-42 s; moved out of the default suite to keep it under ~15 min
 def test_remat_blocks_frees_the_block_activations_with_the_same_loss_and_gradients():
     # Dropout and drop path on: the recomputation must draw the same masks from the key.
     model = tiny_var(**LONG, drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
@@ -64,6 +66,7 @@ def test_the_recomputation_keeps_nan_and_signed_zero_inputs_exact():
     assert float(jax.grad(recomputed)(a, b)[0]) == float(np.float32(-np.pi))
 
 
+@pytest.mark.slow  # 12-42 s; moved out of the default suite to keep it under ~15 min
 def test_qat_hands_the_trainer_the_models_own_arrays_and_the_teacher_survives(monkeypatch):
     model = tiny_var()
     labels, x = _inputs(model, batch=4)

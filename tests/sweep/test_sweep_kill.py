@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bitlaws.configlib import load_config
 from bitlaws.sweep import grid
 
@@ -89,6 +91,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # 12-42 s; moved out of the default suite to keep it under ~15 min
 def test_sigkilled_parallel_sweep_resumes_and_its_workers_exit(tmp_path):
     overrides = ["--set", "toy.sleep_s=0.3", "--set", "formats=('int',)"]  # 2 models x 6 cells
     expected = [cell.key for cell in grid.expand_grid(load_config(str(REPO / "configs/sweeps/toy.py"),
