@@ -71,10 +71,14 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     notebook = nbformat.read(path, as_version=4)
     before = _files(COLAB)
-    client = NotebookClient(notebook, km=_kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
-                            resources={"metadata": {"path": str(COLAB)}})
+    km = _kernel_manager(tmp_path)
+    client = NotebookClient(notebook, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(COLAB)}})
     start = time.perf_counter()
-    client.execute()  # raises CellExecutionError naming the cell and its traceback
+    try:
+        client.execute()  # raises CellExecutionError naming the cell and its traceback
+    finally:  # a kernel manager we pass in is ours to stop: nbclient leaves its kernel (~1 GB) running
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     print(f"{path.name}: {time.perf_counter() - start:.1f} s")
     assert _files(COLAB) == before, f"{path.name} wrote into colab/: {sorted(_files(COLAB) - before)}"
     errors = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
