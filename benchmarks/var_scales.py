@@ -10,12 +10,21 @@ Usage::
     python benchmarks/var_scales.py                      # VAR-d16, batch 8, top-k 900, top-p 0.96, 2 rounds
     python benchmarks/var_scales.py --depth 20 --paddings 0 --rounds 3
     python benchmarks/var_scales.py --tiny               # seconds: checks the plumbing
+    python benchmarks/var_scales.py --profile            # also: the last scale's transformer program, per XLA op
+
+``--profile`` traces one steady call of the last scale's transformer program with `jax.profiler` and prints the
+XLA:CPU thunks that took the most time (summed over threads, by op name), then times a program made of the same
+block matmuls alone (the scale's matmul floor).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import os
+import re
+import tempfile
 import sys
 import time
 
@@ -70,6 +79,67 @@ def one_sample(var, vae, batch: int, padding: float, top_k: int, top_p: float, k
     return {"scales": scales, "decode": decode, "total": time.perf_counter() - start, "lengths": lengths}
 
 
+def profile_last_scale(var, vae, batch: int, top: int = 15) -> None:
+    """Per-op thunk times of the last scale's transformer program, and the same scale's block matmuls alone."""
+    patch_nums = tuple(var.patch_nums)
+    bounds = scale_bounds(patch_nums)
+    begin, end = bounds[-1]
+    length, capacity = end - begin, end
+    var_def, var_state = nnx.split(var)
+    labels = jnp.arange(2 * batch, dtype=jnp.int32) % (var.num_classes + 1)
+
+    guidance = vs._guidance_weights(1.5, len(patch_nums) - 1, len(patch_nums))  # pylint: disable=protected-access
+
+    def call():
+        cond, _, cache, _ = vs._initial_state(  # pylint: disable=protected-access
+            var_def, var_state, labels, first_length=length, capacity=capacity)
+        rows = jnp.zeros((batch, length, var.Cvae), jnp.float32)
+        jax.block_until_ready(cache)
+        start = time.perf_counter()
+        jax.block_until_ready(vs._scale_logits(  # pylint: disable=protected-access
+            var_state, rows, cond, cache, guidance, np.int32(begin), np.int32(length), var_def=var_def,
+            kv_extent=capacity))
+        return time.perf_counter() - start
+
+    call()
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        seconds = call()
+        jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True))[-1])
+    total, count = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                if "Execute" not in event.name:
+                    name = re.sub(r"\.\d+$", "", event.name)
+                    total[name] += event.duration_ns
+                    count[name] += 1
+    print(f"\nprofile of the last scale's transformer program ({length} rows x {2 * batch}, {capacity} cache rows): "
+          f"{seconds:.2f} s traced; thunk time by op (summed over threads):")
+    for name, ns in total.most_common(top):
+        print(f"  {ns / 1e9:7.3f} s  x{count[name]:4d}  {name}")
+
+    weights = [(b.attn.mat_qkv.kernel[...], b.attn.proj.kernel[...], b.ffn.fc1.kernel[...], b.ffn.fc2.kernel[...])
+               for b in var.blocks]
+    width = var.embed_dim
+
+    @jax.jit
+    def dots_only(x, weights):
+        for qkv, proj, fc1, fc2 in weights:
+            x = x + (x @ qkv)[:, :width] @ proj
+            x = x + jax.nn.gelu(x @ fc1) @ fc2
+        return x
+
+    x = jnp.ones((2 * batch * length, width), jnp.float32)
+    jax.block_until_ready(dots_only(x, weights))
+    start = time.perf_counter()
+    jax.block_until_ready(dots_only(x, weights))
+    print(f"the same scale's block matmuls alone ({2 * batch * length} rows): {time.perf_counter() - start:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=16, choices=(16, 20, 24, 30))
@@ -80,6 +150,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile the last scale's transformer program")
     args = parser.parse_args()
     var, vae = build(args.depth, args.tiny)
     paddings = args.paddings if args.paddings is not None else sorted({vs.auto_padding(var), vs.DEFAULT_PADDING})
@@ -106,6 +177,8 @@ def main() -> None:
         base = paddings[-1]
         print("\nsteady totals relative to padding " + str(base) + ": " + ", ".join(
             f"padding {p}: {steady[base] / steady[p]:.2f}x" for p in paddings))
+    if args.profile:
+        profile_last_scale(var, vae, args.batch)
 
 
 if __name__ == "__main__":

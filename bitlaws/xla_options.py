@@ -8,10 +8,10 @@ for every workload measured, and they lengthen compilation:
   ~8 GFLOP/s; demo member var-d4, 500 samples with CFG, one core (``python benchmarks/sampler_xla_options.py``):
   a compiled sampling call 13.8 s -> 6.9 s, the first call (compilation included) 33.5 s -> 22.0 s; the DiT
   DDIM loop of dit-d5 within noise (-3 %);
-* convolutions and the full-size models (2026-12-01, both cores, random weights, default options -> these,
-  min of 2 steady calls): 3x3 conv 160 -> 160 on 8x128x128 0.598 -> 0.360 s, FID Inception pool3 features of
-  32 images 5.24 -> 2.57 s, VAR's VQVAE decode of 2 images 7.41 -> 5.40 s, a 4096^3 float32 matmul 0.935 ->
-  0.700 s (docs/benchmarks.md, "Against the official PyTorch code").
+* convolutions and the full-size models (``python benchmarks/xla_options_ab.py``, 2026-12-01, both cores,
+  random weights, default options -> these, min of 2 steady calls): 3x3 conv 160 -> 160 on 8x128x128 0.548 ->
+  0.319 s, FID Inception pool3 features of 32 images 5.60 -> 2.84 s, VAR's VQVAE decode of 2 images 7.06 ->
+  4.73 s, a 4096^3 float32 matmul 1.118 -> 1.042 s.
 
 Outputs change in the last float bits only (summation order). Every sampler, decoder and the FID feature
 extractor compile with these options. They are XLA debug options (one set for every backend); the
