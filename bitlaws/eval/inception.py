@@ -22,13 +22,14 @@ pool -> ``[B, 1, 1, 2048]`` (the pool3 features).
 from __future__ import annotations
 
 import functools
-from typing import Union
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitlaws.quant import seam
 from bitlaws.quant.layers import QConv, QLinear
 
 INPUT_SIZE = 299
@@ -88,22 +89,28 @@ def preprocess_uint8(images: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Interpolation matrix of PyTorch's ``F.interpolate(mode='bilinear', align_corners=False)`` along one axis.
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two taps of PyTorch's ``F.interpolate(mode='bilinear', align_corners=False)`` along one axis.
 
     Source index ``s = (i + 0.5) * in/out - 0.5``, clamped below at 0 (float32 arithmetic, as PyTorch's
     CPU kernel); taps ``floor(s)`` and ``min(floor(s) + 1, in - 1)`` with weights ``1 - frac`` and ``frac``.
     No antialiasing, so it is exact for down-sampling as well.
 
     Returns:
-        ``[out_size, in_size]`` float32, rows summing to 1.
+        ``(low, high, frac)``: ``[out_size]`` int64 source indices and float32 weight of ``high``.
     """
     scale = np.float32(in_size) / np.float32(out_size)
     dst = np.arange(out_size, dtype=np.float32)
     src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))  # [out]
     low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)  # [out]
     high = np.minimum(low + 1, in_size - 1)  # [out]
-    frac = src - low.astype(np.float32)  # [out]
+    return low, high, src - low.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """`bilinear_taps` as an interpolation matrix ``[out_size, in_size]`` float32, rows summing to 1."""
+    low, high, frac = bilinear_taps(in_size, out_size)
     matrix = np.zeros((out_size, in_size), np.float32)
     rows = np.arange(out_size)
     np.add.at(matrix, (rows, low), np.float32(1.0) - frac)
@@ -111,8 +118,20 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+def _interpolate_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Two-tap linear interpolation of `x` along `axis` to `size` (`bilinear_taps`)."""
+    low, high, frac = bilinear_taps(x.shape[axis], size)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = jnp.asarray(frac.reshape(shape), x.dtype)
+    return jnp.take(x, low, axis=axis) * (1 - frac) + jnp.take(x, high, axis=axis) * frac
+
+
 def resize_bilinear(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
-    """Bilinear resize, ``align_corners=False``, no antialias (PyTorch semantics), as two matrix products.
+    """Bilinear resize, ``align_corners=False``, no antialias (PyTorch semantics): rows, then columns.
+
+    Two taps per output pixel gathered along each axis (4x faster on XLA:CPU than two products with the
+    `bilinear_matrix`, which has the same numbers).
 
     Args:
         images: ``[B, H, W, C]`` float.
@@ -121,11 +140,7 @@ def resize_bilinear(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
     Returns:
         ``[B, size, size, C]`` with the input dtype.
     """
-    rows = jnp.asarray(bilinear_matrix(images.shape[1], size))  # [size, H]
-    cols = jnp.asarray(bilinear_matrix(images.shape[2], size))  # [size, W]
-    highest = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("oh,bhwc->bowc", rows, images, precision=highest)  # [B, size, W, C]
-    return jnp.einsum("pw,bowc->bopc", cols, x, precision=highest)  # [B, size, size, C]
+    return _interpolate_axis(_interpolate_axis(images, 1, size), 2, size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,17 +178,41 @@ class BasicConv2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, in] -> [B, H', W', out]``."""
-        return jax.nn.relu(self.bn(self.conv(x)))
+        return self.activate(self.conv(x))
+
+    def activate(self, y: jax.Array) -> jax.Array:
+        """BatchNorm + ReLU of conv outputs ``[..., out]``."""
+        return jax.nn.relu(self.bn(y))
+
+    @property
+    def plain(self) -> bool:
+        """Whether the conv is a plain float conv (not quantized, calibrating or smoothed): then it is linear and
+        may be fused with other 1x1 convs or moved across an average pool."""
+        quant = self.conv.quant
+        return (not quant.quantizes_weights and not quant.quantizes_acts and quant.mode != "calibrate"
+                and self.conv.input_scale is None and self.conv.kernel is not None)
 
 
 def _pad_hw(pad_h: int, pad_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((pad_h, pad_h), (pad_w, pad_w))
 
 
+def _window_reduce(x: jax.Array, axis: int, window: int, stride: int, combine) -> jax.Array:
+    """``combine`` of the `window` strided slices along `axis` (a 1-D pooling pass; floor mode)."""
+    out = (x.shape[axis] - window) // stride + 1
+    taps = [jax.lax.slice_in_dim(x, i, i + (out - 1) * stride + 1, stride, axis) for i in range(window)]
+    return functools.reduce(combine, taps)
+
+
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
-    """Max pool over H, W (padding with -inf, floor mode). ``[B, H, W, C] -> [B, H', W', C]``."""
-    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
+    """Max pool over H, W (padding with -inf, floor mode). ``[B, H, W, C] -> [B, H', W', C]``.
+
+    Two separable passes of strided-slice maxima: XLA:CPU fuses them into elementwise loops, where its
+    ``reduce_window`` runs 2-8x slower (`python benchmarks/conv_forms.py`).
+    """
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    return _window_reduce(_window_reduce(x, 1, window, stride, jnp.maximum), 2, window, stride, jnp.maximum)
 
 
 @functools.lru_cache(maxsize=32)
@@ -187,9 +226,37 @@ def _valid_counts_3x3(height: int, width: int) -> np.ndarray:
 
 def avg_pool_3x3_exclude_pad(x: jax.Array) -> jax.Array:
     """``avg_pool2d(3, stride=1, padding=1, count_include_pad=False)``. ``[B, H, W, C] -> [B, H, W, C]``."""
-    pads = ((0, 0), (1, 1), (1, 1), (0, 0))
-    window_sum = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    window_sum = _window_reduce(_window_reduce(padded, 1, 3, 1, jnp.add), 2, 3, 1, jnp.add)  # separable sums
     return window_sum / jnp.asarray(_valid_counts_3x3(x.shape[1], x.shape[2]), x.dtype)
+
+
+def pointwise_branches(x: jax.Array, layers: Sequence[BasicConv2d], pooled_last: bool = False) -> list[jax.Array]:
+    """The 1x1 branch convs reading the same input, as one matmul when they are plain.
+
+    With ``pooled_last`` the last layer is a pool branch, ``layer(avg_pool_3x3_exclude_pad(x))``: a plain 1x1
+    conv (no bias) commutes with that pool (both linear, the pool's divisor is per pixel), so the pool runs on
+    its few output channels instead of the block's input channels.
+
+    Args:
+        x: ``[B, H, W, C]``.
+        layers: `BasicConv2d` with 1x1 kernels, stride 1, no padding, no bias.
+
+    Returns:
+        Each layer's output ``[B, H, W, out_i]``.
+    """
+    if not all(layer.plain for layer in layers) or len({layer.conv.quant for layer in layers}) != 1:
+        inputs = [x] * len(layers)
+        if pooled_last:
+            inputs[-1] = avg_pool_3x3_exclude_pad(x)
+        return [layer(h) for layer, h in zip(layers, inputs)]
+    widths = [layer.conv.out_features for layer in layers]
+    kernel = jnp.concatenate([layer.conv.kernel[...].reshape(x.shape[-1], -1) for layer in layers], axis=-1)
+    y = seam.qdot(x, kernel, layers[0].conv.quant)  # [B, H, W, sum(out_i)]
+    parts = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
+    if pooled_last:
+        parts[-1] = avg_pool_3x3_exclude_pad(parts[-1])
+    return [layer.activate(part) for layer, part in zip(layers, parts)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,10 +277,10 @@ class FIDInceptionA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, in] -> [B, H, W, 224 + pool_features]``."""
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(avg_pool_3x3_exclude_pad(x))
+        b1, b5, b3, bp = pointwise_branches(x, (self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1,
+                                                self.branch_pool), pooled_last=True)
+        b5 = self.branch5x5_2(b5)
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(b3))
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -252,12 +319,11 @@ class FIDInceptionC(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, in] -> [B, H, W, 768]``."""
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
+        b1, b7, bd, bp = pointwise_branches(x, (self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1,
+                                                self.branch_pool), pooled_last=True)
+        b7 = self.branch7x7_3(self.branch7x7_2(b7))
         for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             bd = layer(bd)
-        bp = self.branch_pool(avg_pool_3x3_exclude_pad(x))
         return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
@@ -274,8 +340,8 @@ class InceptionD(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, in] -> [B, (H-3)//2+1, (W-3)//2+1, 512 + in]``."""
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
+        b3, b7 = pointwise_branches(x, (self.branch3x3_1, self.branch7x7x3_1))
+        b3 = self.branch3x3_2(b3)
         for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
             b7 = layer(b7)
         return jnp.concatenate([b3, b7, max_pool(x, 3, 2)], axis=-1)
@@ -301,13 +367,15 @@ class FIDInceptionE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, in] -> [B, H, W, 2048]``."""
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
+        if self.pool == "avg":
+            b1, b3, bd, bp = pointwise_branches(x, (self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1,
+                                                    self.branch_pool), pooled_last=True)
+        else:  # a max pool does not commute with the conv
+            b1, b3, bd = pointwise_branches(x, (self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1))
+            bp = self.branch_pool(max_pool(x, 3, 1, padding=1))
         b3 = jnp.concatenate([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], axis=-1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = self.branch3x3dbl_2(bd)
         bd = jnp.concatenate([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], axis=-1)
-        pooled = avg_pool_3x3_exclude_pad(x) if self.pool == "avg" else max_pool(x, 3, 1, padding=1)
-        bp = self.branch_pool(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 

@@ -174,7 +174,7 @@ class UpBlock(nnx.Module):
         for resnet in self.resnets:
             x = resnet(x)
         if self.upsample is not None:
-            x = self.upsample(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))  # nearest x2
+            x = self.upsample(x, upsample=2)  # nearest x2, then the conv
         return x
 
 

@@ -227,7 +227,7 @@ class Upsample2x(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, 2H, 2W, C]``."""
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        return self.conv(x, upsample=2)
 
 
 class Level(nnx.Module):

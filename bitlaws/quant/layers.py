@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bitlaws.quant import seam
+from bitlaws.quant import seam, upsampled_conv
 from bitlaws.quant.seam import LayerQuant
 
 
@@ -197,13 +197,19 @@ class QConv(QuantizedLayer):
         p = p.reshape(*p.shape[:-1], c, self.kernel_size[0] * self.kernel_size[1])
         return jnp.swapaxes(p, -1, -2).reshape(-1, c * self.kernel_size[0] * self.kernel_size[1])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, C] -> [B, H', W', O]``."""
+    def __call__(self, x: jax.Array, *, upsample: int = 1) -> jax.Array:
+        """``[B, H, W, C] -> [B, H', W', O]``; with ``upsample=f``, of the input nearest-upsampled ``f x f`` first.
+
+        ``self(x, upsample=2)`` equals ``self(nearest_upsample(x, 2))``; float and fake-quant 3x3 convs compute
+        it at the input resolution (`bitlaws.quant.upsampled_conv`). Calibration sees the upsampled input.
+        """
         x = self._input(x)
+        if self.quant.mode == "calibrate":
+            x, upsample = upsampled_conv.nearest_upsample(x, upsample), 1
         if self.quant.mode == "calibrate" and self.quant.record_hessian:
             self._observe(x, self.patches(x))
         else:
             self._observe(x)
         return seam.qconv(x, self.weight_operand, self.quant, strides=self.strides, padding=self.padding,
                           dilation=self.dilation, feature_group_count=self.feature_group_count,
-                          bias=_value(self.bias), act_params=_value(self.act_qparams))
+                          bias=_value(self.bias), act_params=_value(self.act_qparams), upsample=upsample)

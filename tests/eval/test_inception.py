@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bitlaws.eval import inception
 from bitlaws.eval.inception import FIDInceptionV3, bilinear_matrix, preprocess_uint8, resize_bilinear
 from bitlaws.port import read_state_dict
 from bitlaws.port.checks import fid as fid_check
 from bitlaws.port.mapping import PortError, to_state_dict
 from bitlaws.port.tables.inception import ENV_VAR, WEIGHTS_FILE, load_fid_inception, port_inception
+from bitlaws.quant import QuantRule, QuantSpec, quantize_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -118,6 +120,66 @@ def test_bilinear_matrix_rows_sum_to_one_and_identity_at_same_size():
         np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-6)
         assert (matrix >= 0).all()
     np.testing.assert_array_equal(bilinear_matrix(299, 299), np.eye(299, dtype=np.float32))
+
+
+def test_resize_equals_the_interpolation_matrices():
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 37, 53, 3)).astype(np.float32))
+    dense = np.einsum("oh,bhwc->bowc", bilinear_matrix(37, 29), np.asarray(images, np.float64))
+    dense = np.einsum("pw,bowc->bopc", bilinear_matrix(53, 29), dense)
+    np.testing.assert_allclose(np.asarray(resize_bilinear(images, 29)), dense, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ pools and fusions
+
+@pytest.mark.parametrize("shape,window,stride,padding", [
+    ((2, 9, 9, 3), 3, 2, 0), ((1, 10, 7, 2), 3, 2, 0), ((2, 5, 5, 4), 3, 1, 1), ((1, 4, 6, 1), 2, 2, 0)])
+def test_max_pool_equals_reduce_window(shape, window, stride, padding):
+    x = jax.random.normal(jax.random.key(0), shape)
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    want = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
+    np.testing.assert_array_equal(inception.max_pool(x, window, stride, padding), want)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 3), (1, 1, 1, 2), (1, 2, 3, 1)])
+def test_average_pool_excludes_padding(shape):
+    x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ones = np.pad(np.ones(shape[1:3]), 1)
+    want = np.zeros_like(x)
+    for i in range(shape[1]):
+        for j in range(shape[2]):
+            want[:, i, j] = padded[:, i:i + 3, j:j + 3].sum(axis=(1, 2)) / ones[i:i + 3, j:j + 3].sum()
+    np.testing.assert_allclose(inception.avg_pool_3x3_exclude_pad(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+
+
+def _features(model, images):
+    graph, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda state, x: nnx.merge(graph, state).features(x))(state, images))
+
+
+def test_fused_pointwise_branches_equal_the_layer_by_layer_network(model, io_arrays, monkeypatch):
+    images = jnp.asarray(np.transpose(io_arrays["images"][:1], (0, 2, 3, 1)))  # [1, H, W, 3]
+    assert all(layer.plain for _, layer in nnx.iter_graph(model) if isinstance(layer, inception.BasicConv2d))
+    fused = _features(model, images)
+    with monkeypatch.context() as patch:  # every conv alone, every pool branch pooled before its conv
+        patch.setattr(inception.BasicConv2d, "plain", property(lambda self: False))
+        unfused = _features(model, images)
+    assert np.abs(fused - unfused).max() <= 1e-5 * np.abs(unfused).max()
+
+
+def test_quantized_branch_convs_are_not_fused_or_moved(model, io_arrays, monkeypatch):
+    """Activation quantization does not commute with the pool: a quantized pool-branch conv sees the pooled input."""
+    rules = [QuantRule(module_path=r"Mixed_5b\.branch_pool\.conv", weight=QuantSpec(format="int4"),
+                       act=QuantSpec(format="int4", granularity="token"))]
+    quantized = quantize_model(model, rules, mode="fake")
+    assert not quantized.Mixed_5b.branch_pool.plain and quantized.Mixed_5b.branch1x1.plain
+    x = jax.random.normal(jax.random.key(5), (1, 35, 35, 192))
+    block = quantized.Mixed_5b
+    want = block.branch_pool(inception.avg_pool_3x3_exclude_pad(x))
+    got = block(x)[..., -want.shape[-1]:]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    float_branch = model.Mixed_5b(x)[..., -want.shape[-1]:]
+    assert np.abs(np.asarray(got) - np.asarray(float_branch)).max() > 1e-3  # the quantization did something
 
 
 # ------------------------------------------------------------------------------------------------ inputs
