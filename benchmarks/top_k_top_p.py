@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from bitlaws.sample.var_sampler import mask_top_k_top_p, mask_top_k_top_p_reference
+from bitlaws.sample.filtering import mask_top_k_top_p, mask_top_k_top_p_reference
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR-d16..d30 at 256x256
 VOCAB, TOP_K, TOP_P = 4096, 900, 0.96

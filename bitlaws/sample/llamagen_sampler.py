@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitlaws.models.llamagen import LlamaGen
-from bitlaws.sample.var_sampler import largest_accepted_key, mask_top_k_top_p, ordered_keys
+from bitlaws.sample.filtering import largest_accepted_key, mask_top_k_top_p, ordered_keys
 from bitlaws.xla_options import COMPILER_OPTIONS
 
 
@@ -56,7 +56,7 @@ def mask_top_p(logits: jax.Array, top_p: float) -> jax.Array:
 
     Sorted descending, token i is kept when the cumulative probability of the tokens before it is <= ``top_p``
     (the largest is always kept); the kept set is the logits at or above the last kept one's value: the largest
-    ``t`` whose mass at or above exceeds ``top_p``, found without a sort (`var_sampler.largest_accepted_key`).
+    ``t`` whose mass at or above exceeds ``top_p``, found without a sort (`filtering.largest_accepted_key`).
 
     Args:
         logits: ``[..., V]`` float32 (may hold -inf).

@@ -17,7 +17,8 @@ from bitlaws.port.mapping import PortError
 from bitlaws.port.safetensors_io import read_safetensors
 from bitlaws.port.tables.var import port_var
 from bitlaws.quant.layers import QLinear
-from bitlaws.sample.var_sampler import autoregressive_infer_cfg, mask_top_k_top_p, sample_top_k_top_p
+from bitlaws.sample.filtering import mask_top_k_top_p, sample_top_k_top_p
+from bitlaws.sample.var_sampler import autoregressive_infer_cfg
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bitlaws.quant import QuantRule, QuantSpec, quantize_model
-from bitlaws.sample import var_sampler
+from bitlaws.sample import filtering, var_sampler
 from bitlaws.sample.var_sampler import autoregressive_infer_cfg, rows_independent, scale_lengths
 from tests.models.test_var import TINY, StubTokenizer, tiny_var
 
@@ -145,18 +145,18 @@ def test_one_threshold_masking_equals_the_literal_upstream_masking(vocab):
         logits = jnp.asarray(rng.normal(size=(4, 6, vocab)).astype(np.float32) * scale)
         for top_k in (0, 1, 5, 900, vocab + 3):
             for top_p in (0.0, 0.5, 0.9, 0.96):
-                ours = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p(logits, top_k, top_p)))
-                reference = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p_reference(logits, top_k, top_p)))
+                ours = np.isfinite(np.asarray(filtering.mask_top_k_top_p(logits, top_k, top_p)))
+                reference = np.isfinite(np.asarray(filtering.mask_top_k_top_p_reference(logits, top_k, top_p)))
                 np.testing.assert_array_equal(ours, reference, err_msg=f"top_k={top_k} top_p={top_p} scale={scale}")
-            ours = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p(logits, top_k, 0.999)))
-            reference = np.isfinite(np.asarray(var_sampler.mask_top_k_top_p_reference(logits, top_k, 0.999)))
+            ours = np.isfinite(np.asarray(filtering.mask_top_k_top_p(logits, top_k, 0.999)))
+            reference = np.isfinite(np.asarray(filtering.mask_top_k_top_p_reference(logits, top_k, 0.999)))
             probs = np.asarray(jax.nn.softmax(logits, axis=-1))
             assert probs[ours != reference].max(initial=0.0) < 1e-4
 
 
 def test_ordered_keys_follow_the_float_order():
     values = np.array([-np.inf, -3e38, -1.5, -1e-30, -0.0, 0.0, 1e-45, 1e-30, 2.0, 3e38, np.inf], np.float32)
-    keys = np.asarray(var_sampler.ordered_keys(jnp.asarray(values))).astype(np.int64)
+    keys = np.asarray(filtering.ordered_keys(jnp.asarray(values))).astype(np.int64)
     assert np.all(np.diff(keys) > 0)
 
 
@@ -166,9 +166,9 @@ def test_bitwise_search_finds_the_kth_largest_exactly():
     logits = rng.normal(size=(5, 300)).astype(np.float32) * np.array([[1e-20], [1.0], [1e3], [1e30], [1.0]],
                                                                      np.float32)
     logits[4, :100] = 0.5  # ties
-    keys = var_sampler.ordered_keys(jnp.asarray(logits))
+    keys = filtering.ordered_keys(jnp.asarray(logits))
     for k in (1, 7, 150, 300):
-        found = var_sampler.largest_accepted_key(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k,
+        found = filtering.largest_accepted_key(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k,
                                                  (5, 1))
         expected = np.sort(np.asarray(keys), axis=-1)[:, ::-1][:, k - 1:k]
         np.testing.assert_array_equal(np.asarray(found), expected)
