@@ -186,11 +186,11 @@ class BasicConv2d(nnx.Module):
 
     @property
     def plain(self) -> bool:
-        """Whether the conv is a plain float conv (not quantized, calibrating or smoothed): then it is linear and
-        may be fused with other 1x1 convs or moved across an average pool."""
+        """Whether the conv is a plain bias-free float conv (not quantized, calibrating or smoothed): then it is
+        linear and may be fused with other 1x1 convs or moved across an average pool."""
         quant = self.conv.quant
         return (not quant.quantizes_weights and not quant.quantizes_acts and quant.mode != "calibrate"
-                and self.conv.input_scale is None and self.conv.kernel is not None)
+                and self.conv.input_scale is None and self.conv.kernel is not None and self.conv.bias is None)
 
 
 def _pad_hw(pad_h: int, pad_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
