@@ -120,3 +120,22 @@ def test_static_activation_quantization_and_calibration_see_the_upsampled_input(
     nnx.jit(lambda a, b, x: (a(x), b(x, literal=True)))(hessian_model, literal_model, x)
     np.testing.assert_allclose(calibration_stats(hessian_model)["conv"].hessian,
                                calibration_stats(literal_model)["conv"].hessian, rtol=1e-5)
+
+
+def _conv_kernel_shapes(fn, *args):
+    """Kernel shapes of every convolution in ``fn``'s jaxpr."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [tuple(eqn.invars[1].aval.shape) for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
+
+
+def test_the_decoders_upsample_at_the_input_resolution():
+    """VQVAE's `Upsample2x` and the KL-VAE's `UpBlock` run the 2x2 phase convolution, not a 3x3 on a 4x larger map."""
+    from bitlaws.models.kl_vae import UpBlock
+    from bitlaws.models.vqvae import Upsample2x
+
+    x = jnp.zeros((1, 4, 4, 8))
+    vq = Upsample2x(8, rngs=nnx.Rngs(0))
+    assert _conv_kernel_shapes(lambda x: vq(x), x) == [(2, 2, 8, 32)]
+    kl = UpBlock(8, 8, num_layers=0, groups=4, add_upsample=True, rngs=nnx.Rngs(0))
+    assert _conv_kernel_shapes(lambda x: kl(x), x) == [(2, 2, 8, 32)]
+    assert kl(x).shape == vq(x).shape == (1, 8, 8, 8)
