@@ -204,12 +204,9 @@ class QConv(QuantizedLayer):
         it at the input resolution (`bitlaws.quant.upsampled_conv`). Calibration sees the upsampled input.
         """
         x = self._input(x)
-        if self.quant.mode == "calibrate":
+        if self.quant.mode == "calibrate":  # statistics (and Hessian rows) of the upsampled input
             x, upsample = upsampled_conv.nearest_upsample(x, upsample), 1
-        if self.quant.mode == "calibrate" and self.quant.record_hessian:
-            self._observe(x, self.patches(x))
-        else:
-            self._observe(x)
+            self._observe(x, self.patches(x) if self.quant.record_hessian else None)
         return seam.qconv(x, self.weight_operand, self.quant, strides=self.strides, padding=self.padding,
                           dilation=self.dilation, feature_group_count=self.feature_group_count,
                           bias=_value(self.bias), act_params=_value(self.act_qparams), upsample=upsample)

@@ -344,8 +344,8 @@ def qconv(x: jax.Array, kernel: Union[jax.Array, PackedArray], quant: LayerQuant
     if quant.quantizes_weights:
         kernel = qarray.fake_quant(kernel, quant.weight)
     lhs, rhs, extra = _float_operands(x, kernel, quant)
-    if upsample != 1 and upsampled_conv.folds(rhs.shape, factor=upsample, strides=strides, padding=padding,
-                                              dilation=dilation, feature_group_count=feature_group_count):
+    if upsampled_conv.folds(rhs.shape, factor=upsample, strides=strides, padding=padding, dilation=dilation,
+                            feature_group_count=feature_group_count):
         y = upsampled_conv.nearest2x_conv3x3(lhs, rhs, **extra).astype(x.dtype)
     else:
         y = jax.lax.conv_general_dilated(
