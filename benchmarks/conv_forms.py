@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ab  # noqa: E402  pylint: disable=g-import-not-at-top
 from vs_official import random_var  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bitlaws.eval import inception  # noqa: E402
@@ -118,11 +118,6 @@ def workloads():
     }
 
 
-def _max_rel(a, b) -> float:
-    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return max(float(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)) for x, y in zip(a, b))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -135,13 +130,8 @@ def main() -> None:
         library = _compile(fn, fn_args)
         with literal_forms():
             literal = _compile(lambda *a, fn=fn: fn(*a), fn_args)  # a new function: no trace-cache hit
-        diff = _max_rel(literal(*fn_args), library(*fn_args))
-        times = {"literal": [], "library": []}
-        for _ in range(args.repeats):
-            for label, program in (("literal", literal), ("library", library)):
-                start = time.perf_counter()
-                jax.block_until_ready(program(*fn_args))
-                times[label].append(time.perf_counter() - start)
+        diff = ab.max_rel_diff(literal(*fn_args), library(*fn_args))
+        times = ab.interleaved({"literal": literal, "library": library}, fn_args, args.repeats)
         lit, lib = (np.array(times[k]) for k in ("literal", "library"))
         print(f"{name:32s} {lit.min():10.3f} / {np.median(lit):9.3f} {lib.min():10.3f} / {np.median(lib):9.3f} "
               f"{np.median(lit) / np.median(lib):8.2f}x {diff:12.1e}", flush=True)

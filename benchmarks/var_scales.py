@@ -38,6 +38,7 @@ from vs_official import random_var  # noqa: E402  pylint: disable=g-import-not-a
 
 from bitlaws.models.var import scale_bounds  # noqa: E402
 from bitlaws.sample import var_sampler as vs  # noqa: E402
+from bitlaws.sample import var_tokenizer  # noqa: E402
 
 
 def build(depth: int, tiny: bool):
@@ -61,17 +62,18 @@ def one_sample(var, vae, batch: int, padding: float, top_k: int, top_p: float, k
     keys = jax.random.split(key, n)
     start = time.perf_counter()
     cond, rows, cache, f_hat = jax.block_until_ready(vs._initial_state(  # pylint: disable=protected-access
-        var_def, var_state, labels_2B, first_length=lengths[0], capacity=capacity))
+        var_def, var_state, labels_2B, capacity=capacity))
+    chunk = var_tokenizer.chunk_rows(rows.shape[1], batch)
     scales = []
     for si, ((begin, end), length) in enumerate(zip(bounds, lengths)):
         t0 = time.perf_counter()
         guided, cache = jax.block_until_ready(vs._scale_logits(  # pylint: disable=protected-access
             var_state, rows, cond, cache, vs._guidance_weights(1.5, si, n),  # pylint: disable=protected-access
-            np.int32(begin), np.int32(end - begin), var_def=var_def, kv_extent=extents[si]))
+            np.int32(begin), np.int32(end - begin), var_def=var_def, length=length, kv_extent=extents[si]))
         t1 = time.perf_counter()
-        _, _, f_hat, rows = jax.block_until_ready(vs._scale_tokens_to_codes(  # pylint: disable=protected-access
-            vae_state, guided, f_hat, keys[si], vae_def=vae_def, patch_nums=patch_nums, si=si,
-            next_length=lengths[min(si + 1, n - 1)], top_k=top_k, top_p=top_p, more_smooth=False))
+        _, f_hat, rows = jax.block_until_ready(vs._scale_tokens(  # pylint: disable=protected-access
+            vae_state, var_tokenizer.scale_tables(vae, si), guided, f_hat, keys[si], vae_def=vae_def,
+            top_k=top_k, top_p=top_p, more_smooth=False, chunk=chunk))
         scales.append((t1 - t0, time.perf_counter() - t1))
     t0 = time.perf_counter()
     jax.block_until_ready(vs.decode_f_hat(vae_state, f_hat, vae_def=vae_def))
@@ -92,13 +94,13 @@ def profile_last_scale(var, vae, batch: int, top: int = 15) -> None:
 
     def call():
         cond, _, cache, _ = vs._initial_state(  # pylint: disable=protected-access
-            var_def, var_state, labels, first_length=length, capacity=capacity)
+            var_def, var_state, labels, capacity=capacity)
         rows = jnp.zeros((batch, length, var.Cvae), jnp.float32)
         jax.block_until_ready(cache)
         start = time.perf_counter()
         jax.block_until_ready(vs._scale_logits(  # pylint: disable=protected-access
             var_state, rows, cond, cache, guidance, np.int32(begin), np.int32(length), var_def=var_def,
-            kv_extent=capacity))
+            length=length, kv_extent=capacity))
         return time.perf_counter() - start
 
     call()

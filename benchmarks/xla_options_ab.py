@@ -1,21 +1,23 @@
 """`bitlaws.xla_options.COMPILER_OPTIONS` against XLA's defaults on full-size kernels, side by side in one process.
 
-Each workload is jitted twice - with the library's compiler options (no YNNPACK fusions) and without - and the
-two are timed interleaved (min of ``--repeats`` steady calls after one compiling call): a 3x3 convolution
-160 -> 160 on 8x128x128, a 4096^3 float32 matmul (also at ``precision='highest'``), VAR's VQVAE decode of 2
-images and FID Inception pool3 features of 32 images 299x299 (random N(0, 0.02) / random-init weights).
+Each workload is jitted with the library's compiler options (no YNNPACK fusions), without them, and with them plus
+each ``--with`` option set; the variants are timed interleaved (min of ``--repeats`` steady calls after one
+compiling call, whose time is printed too): a 3x3 convolution 160 -> 160 on 8x128x128, a 4096^3 float32 matmul
+(also at ``precision='highest'``), VAR's VQVAE decode of 2 images and FID Inception pool3 features of 32 images
+299x299 (random N(0, 0.02) / random-init weights).
 
 Usage::
 
     python benchmarks/xla_options_ab.py [--repeats 2]
+    python benchmarks/xla_options_ab.py --with '{"xla_backend_optimization_level": 1}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ab  # noqa: E402  pylint: disable=g-import-not-at-top
 from vs_official import random_var  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bitlaws.eval.fid import random_fid_inception  # noqa: E402
@@ -50,32 +53,30 @@ def _workloads():
     }
 
 
-def _time(fn, args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--with", dest="extra", action="append", default=[], metavar="JSON",
+                        help="also time COMPILER_OPTIONS updated with these options (a JSON object); repeatable")
     args = parser.parse_args()
+    option_sets = {"xla defaults": {}, "bitlaws options": dict(COMPILER_OPTIONS)}
+    for extra in args.extra:
+        option_sets["+ " + extra] = {**COMPILER_OPTIONS, **json.loads(extra)}
     print(f"# XLA options A/B: {os.cpu_count()} cores, jax {jax.__version__}; COMPILER_OPTIONS={COMPILER_OPTIONS}; "
-          "seconds, min of steady calls")
-    outputs = {}
+          "seconds: compiling call / min of steady calls; ratios: bitlaws options' steady time / the variant's")
     for name, (fn, inputs) in _workloads().items():
-        variants = {"xla defaults": jax.jit(fn), "bitlaws options": jax.jit(fn, compiler_options=COMPILER_OPTIONS)}
-        times = {label: [] for label in variants}
-        for label, compiled in variants.items():
-            outputs[label] = np.asarray(compiled(*inputs))  # compiles
-        for r in range(args.repeats):
-            for label in (variants if r % 2 == 0 else reversed(list(variants))):
-                times[label].append(_time(variants[label], inputs))
-        a, b = min(times["xla defaults"]), min(times["bitlaws options"])
-        diff = np.max(np.abs(outputs["xla defaults"] - outputs["bitlaws options"])) / max(
-            np.max(np.abs(outputs["xla defaults"])), 1e-30)
-        print(f"{name:34s} xla defaults {a:7.3f}  bitlaws options {b:7.3f}  defaults / options {a / b:5.2f}x  "
-              f"max rel diff {diff:.1e}  (load {os.getloadavg()[0]:.2f})", flush=True)
+        variants = {label: jax.jit(lambda *a, fn=fn: fn(*a), compiler_options=options or None)
+                    for label, options in option_sets.items()}
+        first = {label: ab.timed(compiled, inputs) for label, compiled in variants.items()}  # compiles
+        outputs = {label: compiled(*inputs) for label, compiled in variants.items()}
+        times = ab.interleaved(variants, inputs, args.repeats)
+        ours = min(times["bitlaws options"])
+        cells = []
+        for label in variants:
+            diff = ab.max_rel_diff(outputs["bitlaws options"], outputs[label])
+            cells.append(f"{label} {first[label]:6.2f} / {min(times[label]):7.3f} s ({ours / min(times[label]):4.2f}x, "
+                         f"rel diff {diff:.0e})")
+        print(f"{name:34s} " + "  ".join(cells) + f"  (load {os.getloadavg()[0]:.2f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ STATE_DIR = "state"
 
 
 def _key_name(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "idx", entry)))
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
 
 def dotted_path(path) -> str:
-    """A pytree key path as a dotted name (``blocks.0.attn.qkv.kernel``), dict keys and list indices alike."""
+    """A key path as a dotted name (``blocks.0.attn.qkv.kernel``): pytree dict keys, list indices and attribute
+    names alike, or an NNX state path of plain strings and ints."""
     return ".".join(_key_name(entry) for entry in path)
 
 

@@ -390,12 +390,27 @@ class VectorQuantizer2(nnx.Module):
     def num_scales(self) -> int:
         return len(self.v_patch_nums)
 
+    def phi_index(self, si: int) -> int:
+        """Which of `quant_resi` scale ``si`` uses (`phi_index`); 0 when there are none."""
+        if not len(self.quant_resi):
+            return 0
+        return phi_index(si, self.num_scales, self.share_quant_resi, self.default_qresi_counts)
+
     def phi(self, si: int, h: jax.Array) -> jax.Array:
         """Applies the Phi conv of scale ``si``: ``[B, H, W, C] -> [B, H, W, C]``."""
         if not len(self.quant_resi):
             return h
-        index = phi_index(si, self.num_scales, self.share_quant_resi, self.default_qresi_counts)
-        return self.quant_resi[index](h)
+        return self.quant_resi[self.phi_index(si)](h)
+
+    def phi_at(self, index: jax.Array, h: jax.Array) -> jax.Array:
+        """`phi` with the conv chosen by a traced int32 ``index`` (`phi_index`): one program for every scale.
+
+        ``[B, H, W, C] -> [B, H, W, C]``; runs only the chosen conv (`jax.lax.switch`).
+        """
+        if len(self.quant_resi) <= 1:
+            return self.quant_resi[0](h) if len(self.quant_resi) else h
+        branches = [lambda x, phi=phi: phi(x) for phi in self.quant_resi]
+        return jax.lax.switch(index, branches, h)
 
     def embed(self, idx: jax.Array) -> jax.Array:
         """Codebook lookup: int ``[...]`` -> float32 ``[..., C]``."""
@@ -601,6 +616,14 @@ class VQVAE(nnx.Module):
                                       h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """See `VectorQuantizer2.get_next_autoregressive_input`."""
         return self.quantize.get_next_autoregressive_input(si, sn, f_hat, h)
+
+    def phi_index(self, si: int) -> int:
+        """See `VectorQuantizer2.phi_index`."""
+        return self.quantize.phi_index(si)
+
+    def phi_at(self, index: jax.Array, h: jax.Array) -> jax.Array:
+        """See `VectorQuantizer2.phi_at`."""
+        return self.quantize.phi_at(index, h)
 
     def fhat_to_img(self, f_hat: jax.Array) -> jax.Array:
         """``clamp(decoder(post_quant_conv(f_hat)), -1, 1)``: ``[B, h, w, Cvae] -> [B, 16h, 16w, 3]``."""

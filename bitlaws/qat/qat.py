@@ -86,6 +86,7 @@ from bitlaws.quant.methods import MethodProblem, MethodResult
 from bitlaws.quant.layers import ActQParamsVar
 from bitlaws.quant.seam import ActQParams, LayerQuant
 from bitlaws import train as trainlib
+from bitlaws.checkpoint import dotted_path
 
 LOSS_NAMES = ("mse", "js", "fkl", "rkl", "topkld")
 METHOD_PREFIX = "qat:"
@@ -290,10 +291,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return order[offset * batch_size:(offset + 1) * batch_size]
 
 
-def _dotted(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def student_model(problem: MethodProblem, lsq: bool) -> nnx.Module:
     """The model with every target in ``fake`` mode (weights left in float for `lsq`: the step applies LWC)."""
     assignments = {t.path: t.rule for t in problem.targets}
@@ -326,7 +323,7 @@ def use_remat(student: nnx.Module, loss: str) -> None:
 def _trainable_filter(cfg: QatConfig, kernel_paths: set[str]):
     if cfg.train == "all":
         return nnx.Param
-    return lambda path, value: isinstance(value, nnx.Param) and _dotted(path) in kernel_paths
+    return lambda path, value: isinstance(value, nnx.Param) and dotted_path(path) in kernel_paths
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -437,7 +434,7 @@ def qat(problem: MethodProblem, loss: str) -> MethodResult:
 def _result(problem: MethodProblem, cfg: QatConfig, trained_model, trained_lwc, weighted, kernel_paths,
             result, seconds: float) -> MethodResult:
     out = MethodResult()
-    flat = {_dotted(path): jnp.asarray(value) for path, value in nnx.to_flat_state(trained_model)}
+    flat = {dotted_path(path): jnp.asarray(value) for path, value in nnx.to_flat_state(trained_model)}
     for index, target in enumerate(weighted):
         kernel = flat[f"{target.path}.kernel"]
         out.kernels[target.path] = kernel

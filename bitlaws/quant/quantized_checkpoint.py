@@ -57,6 +57,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from bitlaws.checkpoint import dotted_path
 from bitlaws.quant import seam
 from bitlaws.quant.layers import ActQParamsVar, InputScale, QuantizedLayer, QWeight
 from bitlaws.quant.qarray import PackedArray
@@ -274,14 +275,10 @@ def apply_manifest(model: nnx.Module, manifest: Mapping[str, Any],
 
 
 # ------------------------------------------------------------------------------------- state trees
-def _key_name(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
-
-
 def _flat(tree) -> dict[str, Any]:
     """``{dotted path: leaf}``; integer keys (NNX lists) and their stored string form compare equal."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(_key_name(e) for e in path): leaf for path, leaf in flat}
+    return {dotted_path(path): leaf for path, leaf in flat}
 
 
 def _to_plain(tree):

@@ -13,7 +13,7 @@ import jax
 
 Perturbation = Callable[[int, jax.Array], jax.Array]
 """``perturb(step, output) -> output`` of the same shape and dtype (VAR: the scale's padded guided logits
-``[B, l, V]``, rows past ``pn**2`` are padding; DiT: the CFG output ``[2B, H, W, C_out]``)."""
+``[B, L, V]`` with ``L`` the last scale's ``pn**2``, rows past ``pn**2`` are padding; DiT: the CFG output ``[2B, H, W, C_out]``)."""
 
 
 def apply_perturbation(perturb: Perturbation, step: int, output: jax.Array, what: str) -> jax.Array:

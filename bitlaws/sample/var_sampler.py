@@ -10,8 +10,10 @@ level/position embedding, is the next scale's input. The final f_hat is decoded 
 Compilation is most of a small model's sampling time, so each scale runs two programs: the transformer's
 (`_scale_logits`: one compilation per padded scale length and model variant - consecutive scales share a
 padded length, `scale_lengths`, and the KV cache has a fixed capacity) and the tokenizer's
-(`_scale_tokens_to_codes`: sampling and the f_hat update, one compilation per scale and sampling setting,
-shared by every quantized variant of a model).
+(`_scale_tokens`: sampling and the f_hat update, one compilation for *every* scale per sampling setting,
+shared by every quantized variant of a model; `bitlaws.sample.var_tokenizer`). Between the two, every scale's
+rows are padded to the last scale's ``L = pn**2``: the transformer reads the first ``l`` input rows and writes
+``[B, L, V]`` logits.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import numpy as np
 from flax import nnx
 
 from bitlaws.models.var import VAR, KVCache, scale_bounds
-from bitlaws.sample import ahead
-from bitlaws.sample.filtering import gumbel_softmax, sample_top_k_top_p
+from bitlaws.sample import ahead, var_tokenizer
 from bitlaws.sample.perturbation import Perturbation, apply_perturbation
 from bitlaws.xla_options import COMPILER_OPTIONS
 
@@ -137,10 +138,10 @@ def rows_independent(model: nnx.Module) -> bool:
     return True
 
 
-@functools.partial(jax.jit, static_argnames=("var_def", "kv_extent"), donate_argnames=("cache",),
+@functools.partial(jax.jit, static_argnames=("var_def", "length", "kv_extent"), donate_argnames=("cache",),
                    compiler_options=COMPILER_OPTIONS)
 def _scale_logits(var_state: nnx.State, rows: jax.Array, cond_BD: jax.Array, cache: KVCache, guidance: jax.Array,
-                  offset: jax.Array, valid: jax.Array, *, var_def: nnx.GraphDef,
+                  offset: jax.Array, valid: jax.Array, *, var_def: nnx.GraphDef, length: int,
                   kv_extent: Optional[int] = None) -> tuple[jax.Array, KVCache]:
     """The transformer's part of one scale: input rows -> CFG-combined logits (the only per-model program).
 
@@ -149,80 +150,59 @@ def _scale_logits(var_state: nnx.State, rows: jax.Array, cond_BD: jax.Array, cac
 
     Args:
         var_def, var_state: The split transformer.
-        rows: ``[B, l, Cvae]`` the area-downsampled f_hat of this scale, row-major, padded by repeating the
-            last row (zeros at scale 0, which starts from the class embedding).
+        rows: ``[B, L, Cvae]`` the area-downsampled f_hat of this scale, row-major, padded by repeating the
+            last row (zeros at scale 0, which starts from the class embedding); the first ``l`` are read.
         cond_BD: ``[2B, D]`` class embeddings (cond half, then uncond half).
         cache: Fixed-capacity KV buffers (`VAR.empty_cache`), donated.
         guidance: ``[2]`` float32 ``(1 + t, t)``.
         offset: int32 index of the scale's first token in the whole sequence.
         valid: int32 ``pn**2``.
+        length: ``l``, the scale's padded length.
         kv_extent: Cache rows attention reads: the last token any scale of this padded length sees
             (`kv_extents`; None: the whole capacity).
 
     Returns:
-        ``(guided logits [B, l, V] float32 (rows past `valid` are padding), updated cache)``.
+        ``(guided logits [B, L, V] float32 (rows past `valid` are padding, past ``l`` zeros), updated cache)``.
     """
     var = nnx.merge(var_def, var_state)
-    x_BlC = var.padded_scale_tokens(rows, cond_BD, offset, valid)  # [2B, l, C]
+    x_BlC = var.padded_scale_tokens(rows[:, :length], cond_BD, offset, valid)  # [2B, l, C]
     h_BlC, cache = var.forward_cached(x_BlC, cond_BD, cache, cache_at=(offset, valid), kv_extent=kv_extent)
     logits_2BlV = var.get_logits(h_BlC, cond_BD)  # [2B, l, V]
     batch = logits_2BlV.shape[0] // 2
-    return guidance[0] * logits_2BlV[:batch] - guidance[1] * logits_2BlV[batch:], cache
+    guided = guidance[0] * logits_2BlV[:batch] - guidance[1] * logits_2BlV[batch:]
+    return jnp.pad(guided, ((0, 0), (0, rows.shape[1] - length), (0, 0))), cache
 
 
-@functools.partial(jax.jit, static_argnames=("vae_def", "patch_nums", "si", "next_length", "top_k", "top_p",
-                                             "more_smooth"), compiler_options=COMPILER_OPTIONS)
-def _scale_tokens_to_codes(vae_state: nnx.State, guided: jax.Array, f_hat: jax.Array, key: jax.Array, *,
-                           vae_def: nnx.GraphDef, patch_nums: tuple[int, ...], si: int, next_length: int,
-                           top_k: int, top_p: float, more_smooth: bool):
-    """The tokenizer's part of one scale: guided logits -> tokens -> f_hat and the next scale's input rows.
+@functools.partial(jax.jit, static_argnames=("vae_def", "top_k", "top_p", "more_smooth", "chunk"),
+                   compiler_options=COMPILER_OPTIONS)
+def _scale_tokens(vae_state: nnx.State, tables: var_tokenizer.ScaleTables, guided: jax.Array, f_hat: jax.Array,
+                  key: jax.Array, *, vae_def: nnx.GraphDef, top_k: int, top_p: float, more_smooth: bool,
+                  chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The tokenizer's part of a scale: guided logits -> tokens -> f_hat and the next scale's input rows.
 
-    It does not depend on the transformer, so one compilation per scale serves every quantized variant of a
-    model (compiled into each variant's program, sampling and the f_hat update cost as much compile time as
-    the transformer itself for the small demo models).
+    One compilation serves every scale (the scale is in `tables`, `bitlaws.sample.var_tokenizer`) and every
+    quantized variant of a model (it does not read the transformer).
 
     Args:
         vae_def, vae_state: The split tokenizer.
-        guided: ``[B, l_padded, V]`` float32 CFG-combined logits; the first ``pn**2`` rows are real.
-        f_hat: ``[B, H, H, Cvae]`` cumulative tokenizer features.
+        tables: The scale's `var_tokenizer.ScaleTables`.
+        guided: ``[B, L, V]`` float32 CFG-combined logits; the first ``pn**2`` rows are real.
+        f_hat: ``[B, S, S, Cvae]`` cumulative tokenizer features.
         key: PRNG key of this scale.
-        patch_nums: Side length of each scale's token map.
-        si: Scale index.
-        next_length: Padded length of the next scale (ignored at the last scale).
         top_k, top_p, more_smooth: Sampling settings.
+        chunk: Rows per drawn chunk (`var_tokenizer.chunk_rows`).
 
     Returns:
-        ``(tokens [B, l] int32, guided [B, l, V], f_hat, next rows [B, next_length, Cvae] or None at the last
-        scale)``.
+        ``(tokens [B, L] int32 (the first pn**2 real), f_hat, next rows [B, L, Cvae])``.
     """
     vae = nnx.merge(vae_def, vae_state)
-    num_scales = len(patch_nums)
-    pn = patch_nums[si]
-    guided = guided[:, :pn * pn]
-    batch, _, vocab = guided.shape
-    sample_key, gumbel_key = jax.random.split(key)
-    tokens, masked = sample_top_k_top_p(sample_key, guided, top_k, top_p)  # [B, l]
-    if more_smooth:
-        ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
-        tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-        codebook = vae.embed(jnp.arange(vocab, dtype=jnp.int32)[None])[0]  # [V, Cvae]
-        codes = gumbel_softmax(gumbel_key, masked * (1 + ratio), tau) @ codebook  # [B, l, Cvae]
-    else:
-        codes = vae.embed(tokens)  # [B, l, Cvae]
-    h_map = codes.reshape(batch, pn, pn, codes.shape[-1])
-    f_hat, next_map = vae.get_next_autoregressive_input(si, num_scales, f_hat, h_map)
-    if si == num_scales - 1:
-        return tokens, guided, f_hat, None
-    rows = next_map.reshape(batch, -1, next_map.shape[-1])  # [B, pn_next**2, Cvae]
-    repeat = jnp.broadcast_to(rows[:, -1:], (batch, next_length - rows.shape[1], rows.shape[-1]))
-    return tokens, guided, f_hat, jnp.concatenate([rows, repeat], axis=1)
+    return var_tokenizer.tokenizer_step(vae, tables, guided, f_hat, key, top_k=top_k, top_p=top_p,
+                                       more_smooth=more_smooth, chunk=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("var_def", "first_length", "capacity"),
-                   compiler_options=COMPILER_OPTIONS)
-def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.Array, *, first_length: int,
-                   capacity: int) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
-    """``labels [2B]`` -> ``(cond_BD [2B, D], rows [B, first_length, Cvae] zeros, empty cache, f_hat zeros)``.
+@functools.partial(jax.jit, static_argnames=("var_def", "capacity"), compiler_options=COMPILER_OPTIONS)
+def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.Array, *, capacity: int) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    """``labels [2B]`` -> ``(cond_BD [2B, D], rows [B, L, Cvae] zeros, empty cache, f_hat zeros)``.
 
     Made by one program so that every array the scale programs receive is a program output (arrays made
     eagerly are uncommitted, and the first call would compile a second, otherwise identical executable).
@@ -230,7 +210,7 @@ def _initial_state(var_def: nnx.GraphDef, var_state: nnx.State, labels_2B: jax.A
     var = nnx.merge(var_def, var_state)
     batch = labels_2B.shape[0] // 2
     side = var.patch_nums[-1]
-    return (var.class_embedding(labels_2B), jnp.zeros((batch, first_length, var.Cvae), jnp.float32),
+    return (var.class_embedding(labels_2B), jnp.zeros((batch, side * side, var.Cvae), jnp.float32),
             var.empty_cache(2 * batch, capacity), jnp.zeros((batch, side, side, var.Cvae), jnp.float32))
 
 
@@ -282,7 +262,7 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
             Padding changes no real token's
             value beyond float reassociation (rows are independent), except that it is turned off for models
             whose dynamic per-tensor activation calibrator would see the padding (`rows_independent`).
-        perturb_logits: Optional `Perturbation` ``(si, guided [B, l, V])`` applied to every scale's padded guided
+        perturb_logits: Optional `Perturbation` ``(si, guided [B, L, V])`` applied to every scale's padded guided
             logits before sampling
             (the error analyses inject noise there, `bitlaws.analysis`); None draws exactly as without it.
         compile_ahead: Compile every scale's programs concurrently, ahead of use (`bitlaws.sample.ahead`: the
@@ -309,45 +289,42 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
     extents = kv_extents(patch_nums, lengths)
     bounds = scale_bounds(patch_nums)
     capacity = max(begin + length for (begin, _), length in zip(bounds, lengths))
-    cond_BD, rows, cache, f_hat = _initial_state(var_def, var_state, labels_2B, first_length=lengths[0],
-                                                 capacity=capacity)
+    cond_BD, rows, cache, f_hat = _initial_state(var_def, var_state, labels_2B, capacity=capacity)
+    tables = [var_tokenizer.scale_tables(vae, si) for si in range(num_scales)]
 
     def logits_program(si):
-        static = {"var_def": var_def, "kv_extent": extents[si]}
+        static = {"var_def": var_def, "length": lengths[si], "kv_extent": extents[si]}
         begin, end = bounds[si]
         return static, (_guidance_weights(cfg, si, num_scales), np.int32(begin), np.int32(end - begin))
 
-    def tokens_program(si):
-        return {"vae_def": vae_def, "patch_nums": patch_nums, "si": si, "top_k": int(top_k), "top_p": float(top_p),
-                "next_length": lengths[min(si + 1, num_scales - 1)], "more_smooth": bool(more_smooth)}
-
+    tokens_static = {"vae_def": vae_def, "top_k": int(top_k), "top_p": float(top_p), "more_smooth": bool(more_smooth),
+                     "chunk": var_tokenizer.chunk_rows(rows.shape[1], B)}
     programs = None
     if compile_ahead and not ahead.is_traced((var_state, vae_state, cond_BD, scale_keys)):
         programs = ahead.Programs()
-        var_spec, vae_spec, cond_spec, cache_spec, f_hat_spec = ahead.abstract(
-            (var_state, vae_state, cond_BD, cache, f_hat))
+        var_spec, vae_spec, cond_spec, rows_spec, cache_spec, f_hat_spec = ahead.abstract(
+            (var_state, vae_state, cond_BD, rows, cache, f_hat))
+        guided_spec = jax.ShapeDtypeStruct(rows.shape[:2] + (var.vocab_size,), jnp.float32, sharding=rows.sharding)
         jobs = []
-        for si, length in enumerate(lengths):
-            rows_spec = jax.ShapeDtypeStruct((B, length, rows.shape[-1]), rows.dtype, sharding=rows.sharding)
-            guided_spec = jax.ShapeDtypeStruct((B, length, var.vocab_size), jnp.float32, sharding=rows.sharding)
+        for si in range(num_scales):
             static, scalars = logits_program(si)
             jobs.append((_scale_logits, static, (var_spec, rows_spec, cond_spec, cache_spec) + scalars))
-            jobs.append((_scale_tokens_to_codes, tokens_program(si),
-                         (vae_spec, guided_spec, f_hat_spec, ahead.abstract(scale_keys[si]))))
+            jobs.append((_scale_tokens, tokens_static, (vae_spec, ahead.abstract(tables[si]), guided_spec, f_hat_spec,
+                                                        ahead.abstract(scale_keys[si]))))
         jobs.append((decode_f_hat, {"vae_def": vae_def}, (vae_spec, f_hat_spec)))
         programs.prepare(jobs)
     run = programs.call if programs is not None else (lambda fn, static, dynamic: fn(*dynamic, **static))
 
     tokens, guided_logits, f_hats = [], [], []
-    for si in range(num_scales):
+    for si, pn in enumerate(patch_nums):
         static, scalars = logits_program(si)
         guided, cache = run(_scale_logits, static, (var_state, rows, cond_BD, cache) + scalars)
         if perturb_logits is not None:
             guided = apply_perturbation(perturb_logits, si, guided, "perturb_logits")
-        idx, guided, f_hat, rows = run(_scale_tokens_to_codes, tokens_program(si),
-                                       (vae_state, guided, f_hat, scale_keys[si]))
-        tokens.append(idx)
-        guided_logits.append(guided)
+        idx, f_hat, rows = run(_scale_tokens, tokens_static, (vae_state, tables[si], guided, f_hat, scale_keys[si]))
+        if return_logits:
+            tokens.append(idx[:, :pn * pn])
+            guided_logits.append(guided[:, :pn * pn])
         f_hats.append(f_hat)
     images = run(decode_f_hat, {"vae_def": vae_def}, (vae_state, f_hat))
     if return_logits:

@@ -28,7 +28,7 @@ TINY = dict(vocab_size=16, Cvae=4, num_classes=5, depth=2, embed_dim=32, num_hea
 
 
 class StubTokenizer(nnx.Module):
-    """A cheap stand-in with the VQVAE sampling interface (random codebook, resize instead of convs)."""
+    """A cheap stand-in with the VQVAE sampling interface (random codebook, no convs)."""
 
     def __init__(self, vocab_size: int, cvae: int, v_patch_nums, *, rngs: nnx.Rngs):
         self.vocab_size, self.Cvae, self.v_patch_nums = vocab_size, cvae, tuple(v_patch_nums)
@@ -38,13 +38,11 @@ class StubTokenizer(nnx.Module):
     def embed(self, idx):
         return jnp.take(self.codebook[...], idx, axis=0)
 
-    def get_next_autoregressive_input(self, si, sn, f_hat, h):
-        b, side = f_hat.shape[0], self.v_patch_nums[-1]
-        f_hat = f_hat + jax.image.resize(h, (b, side, side, self.Cvae), "linear")
-        if si == sn - 1:
-            return f_hat, f_hat
-        pn = self.v_patch_nums[si + 1]
-        return f_hat, jax.image.resize(f_hat, (b, pn, pn, self.Cvae), "linear")
+    def phi_index(self, si):
+        return si % 2
+
+    def phi_at(self, index, h):  # two "Phi" maps chosen by a traced index
+        return jnp.where(index == 0, h, 0.5 * h)
 
     def fhat_to_img(self, f_hat):
         return jnp.tanh(f_hat @ self.to_rgb[...])

@@ -75,9 +75,11 @@ def test_one_compilation_per_padded_length(model_and_tokenizer):
     model, vae = model_and_tokenizer
     for padding, programs in ((100.0, 1), (0.0, 4)):
         var_sampler._scale_logits.clear_cache()
+        var_sampler._scale_tokens.clear_cache()
         _sample(model, vae, padding, compile_ahead=False)
         _sample(model, vae, padding, compile_ahead=False)  # a second call compiles nothing new
         assert var_sampler._scale_logits._cache_size() == programs
+        assert var_sampler._scale_tokens._cache_size() == 1  # one tokenizer program for every scale
 
 
 def test_compiled_ahead_same_samples_same_program_count(model_and_tokenizer):
@@ -92,8 +94,10 @@ def test_compiled_ahead_same_samples_same_program_count(model_and_tokenizer):
         first = _sample(model, vae, padding)
         held = [key for key in ahead._EXECUTABLES if key[0] is var_sampler._scale_logits]
         assert len(held) == programs
+        tokens = [key for key in ahead._EXECUTABLES if key[0] is var_sampler._scale_tokens]
+        assert len(tokens) == 1  # the tokenizer's program serves every scale
         count = len(ahead._EXECUTABLES)
-        assert count == 2 * len(model.patch_nums) + 1 - (len(model.patch_nums) - programs)  # + tokens + decode
+        assert count == programs + 2  # + tokens + decode
         second = _sample(model, vae, padding)
         assert len(ahead._EXECUTABLES) == count
         assert var_sampler._scale_logits._cache_size() == 0  # every call went to the executables compiled ahead
