@@ -108,7 +108,8 @@ def kv_extents(patch_nums: Sequence[int], lengths: Sequence[int]) -> tuple[int, 
 
 
 AUTO_PADDING_BLOCK_PARAMS = 20_000_000
-"""`auto_padding`: transformers whose blocks hold at least this many weights (``12 depth C^2``) pad nothing."""
+"""Transformers whose blocks hold at least this many weights (``12 depth C^2``) pad nothing (`auto_padding`) and
+do not compile ahead (`auto_compile_ahead`)."""
 
 
 def auto_padding(var: VAR) -> float:
@@ -121,7 +122,25 @@ def auto_padding(var: VAR) -> float:
     (``12 depth C^2`` block weights >= `AUTO_PADDING_BLOCK_PARAMS`), so float, fake-quantized and packed
     variants of one model pad alike.
     """
-    return 0.0 if 12 * var.depth * var.embed_dim ** 2 >= AUTO_PADDING_BLOCK_PARAMS else DEFAULT_PADDING
+    return 0.0 if _large(var) else DEFAULT_PADDING
+
+
+def _large(var: VAR) -> bool:
+    """Whether the transformer's blocks hold at least `AUTO_PADDING_BLOCK_PARAMS` weights (``12 depth C^2``)."""
+    return 12 * var.depth * var.embed_dim ** 2 >= AUTO_PADDING_BLOCK_PARAMS
+
+
+def auto_compile_ahead(var: VAR) -> bool:
+    """The `autoregressive_infer_cfg` default of ``compile_ahead``: on for small models, off for large ones.
+
+    A small model's first call is mostly compilation, and compiling the programs concurrently, ahead of use, wins
+    (`python benchmarks/var_cold_start.py --tiny --rounds 2`, 2-core CPU: first minus steady 7.3-7.4 s against
+    7.8-8.3 s). A large model runs each program for seconds; JAX's asynchronous dispatch already compiles the next
+    program while the previous one runs, and two background compile workers beside the sampler's threads
+    oversubscribe the cores (VAR-d16, batch 8: 9.6-13.2 s without against 16.5-21.9 s with, three fresh processes
+    each; docs/benchmarks.md). Decided like `auto_padding`, from the architecture.
+    """
+    return not _large(var)
 
 
 def rows_independent(model: nnx.Module) -> bool:
@@ -240,7 +259,7 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
                              more_smooth: bool = False, return_logits: bool = False,
                              padding: Optional[float] = None,
                              perturb_logits: Optional[Perturbation] = None,
-                             compile_ahead: bool = True) -> Union[jax.Array, VARSamples]:
+                             compile_ahead: Optional[bool] = None) -> Union[jax.Array, VARSamples]:
     """Generates class-conditional images with VAR (upstream ``autoregressive_infer_cfg``).
 
     Args:
@@ -265,9 +284,9 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
         perturb_logits: Optional `Perturbation` ``(si, guided [B, L, V])`` applied to every scale's padded guided
             logits before sampling
             (the error analyses inject noise there, `bitlaws.analysis`); None draws exactly as without it.
-        compile_ahead: Compile every scale's programs concurrently, ahead of use (`bitlaws.sample.ahead`: the
-            first call of a large VAR no longer compiles ~20 programs in series); only for eager calls (inside
-            an outer `jit`/`vmap` the programs are traced instead). The same executables either way.
+        compile_ahead: Compile every scale's programs concurrently, ahead of use (`bitlaws.sample.ahead`); only
+            for eager calls (inside an outer `jit`/`vmap` the programs are traced instead). None:
+            `auto_compile_ahead` (on for small models, off for large ones). The same executables either way.
 
     Returns:
         ``[B, H, W, 3]`` float32 images in [0, 1], or a `VARSamples` (with the per-scale tokens, logits and
@@ -300,6 +319,8 @@ def autoregressive_infer_cfg(var: VAR, vae: Any, *, B: int, label_B: Union[None,
     tokens_static = {"vae_def": vae_def, "top_k": int(top_k), "top_p": float(top_p), "more_smooth": bool(more_smooth),
                      "chunk": var_tokenizer.chunk_rows(rows.shape[1], B)}
     programs = None
+    if compile_ahead is None:
+        compile_ahead = auto_compile_ahead(var)
     if compile_ahead and not ahead.is_traced((var_state, vae_state, cond_BD, scale_keys)):
         programs = ahead.Programs()
         var_spec, vae_spec, cond_spec, rows_spec, cache_spec, f_hat_spec = ahead.abstract(

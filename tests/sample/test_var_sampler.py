@@ -108,6 +108,20 @@ def test_compiled_ahead_same_samples_same_program_count(model_and_tokenizer):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_compile_ahead_by_default_for_small_models_only(model_and_tokenizer):
+    """Small models compile ahead by default; large ones (VAR-d16's 16 x 1024-wide blocks) rely on async dispatch."""
+    import types
+
+    from bitlaws.sample import ahead
+
+    model, vae = model_and_tokenizer
+    assert var_sampler.auto_compile_ahead(model)
+    assert not var_sampler.auto_compile_ahead(types.SimpleNamespace(depth=16, embed_dim=1024))
+    ahead.clear()
+    autoregressive_infer_cfg(model, vae, B=3, label_B=[0, 2, 4], key=jax.random.key(3), cfg=1.5, top_k=8)
+    assert any(key[0] is var_sampler._scale_tokens for key in ahead._EXECUTABLES)
+
+
 def test_ahead_falls_back_to_the_jitted_call():
     """A program whose executable is not held, or whose compilation failed, runs (or raises) through `jax.jit`."""
     from bitlaws.sample import ahead
