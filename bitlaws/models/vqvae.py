@@ -101,7 +101,7 @@ def area_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def _resample(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+def resample(x: jax.Array, rows: Union[np.ndarray, jax.Array], cols: Union[np.ndarray, jax.Array]) -> jax.Array:
     """Applies separable matrices: ``[B, H, W, C] -> [B, H', W', C]`` with rows ``[H', H]``, cols ``[W', W]``."""
     rows = jnp.asarray(rows, dtype=x.dtype)
     cols = jnp.asarray(cols, dtype=x.dtype)
@@ -119,13 +119,13 @@ def bicubic_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         ``[B, H', W', C]``, same dtype.
     """
     h, w = x.shape[1:3]
-    return _resample(x, bicubic_matrix(h, size[0]), bicubic_matrix(w, size[1]))
+    return resample(x, bicubic_matrix(h, size[0]), bicubic_matrix(w, size[1]))
 
 
 def area_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """PyTorch ``F.interpolate(mode='area')``: ``[B, H, W, C] -> [B, H', W', C]``."""
     h, w = x.shape[1:3]
-    return _resample(x, area_matrix(h, size[0]), area_matrix(w, size[1]))
+    return resample(x, area_matrix(h, size[0]), area_matrix(w, size[1]))
 
 
 def num_phi(share_quant_resi: int, num_scales: int, default_qresi_counts: int = 0) -> int:

@@ -52,8 +52,7 @@ class VARSamples(NamedTuple):
 
 def _guidance_weights(cfg: float, si: int, num_scales: int) -> jax.Array:
     """``[1 + t, t]`` float32 with ``t = cfg * si / (SN - 1)``, evaluated in float64 like upstream."""
-    ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
-    t = cfg * ratio
+    t = cfg * var_tokenizer.scale_ratio(si, num_scales)
     return jnp.asarray(np.array([1.0 + t, t], np.float32))
 
 

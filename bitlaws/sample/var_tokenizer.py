@@ -18,13 +18,13 @@ on how much the transformer padded the scale.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitlaws.models.vqvae import area_matrix, bicubic_matrix
+from bitlaws.models.vqvae import area_matrix, bicubic_matrix, resample
 from bitlaws.sample.filtering import gumbel_softmax, sample_top_k_top_p
 
 CHUNK_TARGET = 256
@@ -61,6 +61,11 @@ class ScaleTables(NamedTuple):
     smooth_tau: np.ndarray
 
 
+def scale_ratio(si: int, num_scales: int) -> float:
+    """``si / (SN - 1)`` (0 with one scale): the position of scale ``si`` that CFG and ``more_smooth`` ramp with."""
+    return si / (num_scales - 1) if num_scales > 1 else 0.0
+
+
 @functools.lru_cache(maxsize=256)
 def _tables(patch_nums: tuple[int, ...], si: int, phi: int) -> ScaleTables:
     num_scales, side = len(patch_nums), patch_nums[-1]
@@ -69,17 +74,18 @@ def _tables(patch_nums: tuple[int, ...], si: int, phi: int) -> ScaleTables:
     positions = np.arange(side * side)
     i, j = positions // side, positions % side
     map_rows = np.where((i < pn) & (j < pn), i * pn + j, side * side).astype(np.int32)
-    upsample = np.eye(side, dtype=np.float32)
     downsample = np.zeros((side, side), np.float32)
     next_rows = np.zeros(side * side, np.int32)
-    if not last:
+    if last:
+        upsample = np.eye(side, dtype=np.float32)
+    else:
         upsample = np.zeros((side, side), np.float32)
         upsample[:, :pn] = bicubic_matrix(pn, side)
         nxt = patch_nums[si + 1]
         downsample[:nxt] = area_matrix(side, nxt)
         rows = np.minimum(np.arange(side * side), nxt * nxt - 1)
         next_rows = ((rows // nxt) * side + rows % nxt).astype(np.int32)
-    ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
+    ratio = scale_ratio(si, num_scales)
     tables = ScaleTables(valid=np.int32(pn * pn), map_rows=map_rows, upsample=upsample, phi=np.int32(phi),
                          downsample=downsample, next_rows=next_rows, smooth_scale=np.float32(1 + ratio),
                          smooth_tau=np.float32(max(0.27 * (1 - ratio * 0.95), 0.005)))
@@ -125,6 +131,7 @@ def draw_tokens(vae: Any, tables: ScaleTables, guided: jax.Array, key: jax.Array
     batch, length, vocab = guided.shape
     if length % chunk:
         raise ValueError(f"chunk of {chunk} rows does not divide the {length} logits rows")
+    codebook = vae.embed(jnp.arange(vocab, dtype=jnp.int32)[None])[0] if more_smooth else None  # [V, Cvae]
 
     def body(c, carry):
         tokens, codes = carry
@@ -133,7 +140,6 @@ def draw_tokens(vae: Any, tables: ScaleTables, guided: jax.Array, key: jax.Array
         sample_key, gumbel_key = jax.random.split(jax.random.fold_in(key, c))
         drawn, masked = sample_top_k_top_p(sample_key, logits, top_k, top_p)  # [B, chunk]
         if more_smooth:
-            codebook = vae.embed(jnp.arange(vocab, dtype=jnp.int32)[None])[0]  # [V, Cvae]
             mixed = gumbel_softmax(gumbel_key, masked * tables.smooth_scale, tables.smooth_tau) @ codebook
         else:
             mixed = vae.embed(drawn)  # [B, chunk, Cvae]
@@ -145,11 +151,6 @@ def draw_tokens(vae: Any, tables: ScaleTables, guided: jax.Array, key: jax.Array
     channels = jax.eval_shape(vae.embed, jnp.zeros((1, 1), jnp.int32)).shape[-1]
     init = (jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length, channels), jnp.float32))
     return jax.lax.fori_loop(0, num_chunks, body, init)
-
-
-def _resample(matrix: jax.Array, x: jax.Array) -> jax.Array:
-    """``[S, S]`` separable matrix on both spatial axes of ``[B, S, S, C]``."""
-    return jnp.einsum("ph,qw,bhwc->bpqc", matrix, matrix, x)
 
 
 def update_f_hat(vae: Any, tables: ScaleTables, codes: jax.Array, f_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,8 +169,8 @@ def update_f_hat(vae: Any, tables: ScaleTables, codes: jax.Array, f_hat: jax.Arr
     batch, side, _, channels = f_hat.shape
     padded = jnp.concatenate([codes, jnp.zeros((batch, 1, channels), codes.dtype)], axis=1)  # row L: zeros
     h_map = jnp.take(padded, tables.map_rows, axis=1).reshape(batch, side, side, channels)
-    f_hat = f_hat + vae.phi_at(tables.phi, _resample(tables.upsample, h_map))
-    next_map = _resample(tables.downsample, f_hat).reshape(batch, side * side, channels)
+    f_hat = f_hat + vae.phi_at(tables.phi, resample(h_map, tables.upsample, tables.upsample))
+    next_map = resample(f_hat, tables.downsample, tables.downsample).reshape(batch, side * side, channels)
     return f_hat, jnp.take(next_map, tables.next_rows, axis=1)
 
 
@@ -182,7 +183,3 @@ def tokenizer_step(vae: Any, tables: ScaleTables, guided: jax.Array, f_hat: jax.
     f_hat, rows = update_f_hat(vae, tables, codes, f_hat)
     return tokens, f_hat, rows
 
-
-def scale_rows(patch_nums: Sequence[int]) -> int:
-    """``L``: the rows every scale is padded to in the shared program (the last scale's ``pn**2``)."""
-    return int(patch_nums[-1]) ** 2
